@@ -1,0 +1,38 @@
+"""jbackprop: hand-written backpropagation for fully-connected networks in JAX.
+
+The lecture's equations as pure functions over explicit parameter pytrees::
+
+    import jax, jbackprop as jb
+    model = jb.Model(sizes=(784, 100, 10), l2=5.0)
+    params = jb.init_params(jax.random.key(0), model)
+    g = jb.grad(params, X, Y, model, n=50_000)
+"""
+
+from jbackprop import activations, costs, regularizers
+from jbackprop.model import Model, Params
+from jbackprop.network import (
+    backprop,
+    cost,
+    forward,
+    grad,
+    init_params,
+    per_example_grads,
+    value_and_grad,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model",
+    "Params",
+    "activations",
+    "backprop",
+    "cost",
+    "costs",
+    "forward",
+    "grad",
+    "init_params",
+    "per_example_grads",
+    "regularizers",
+    "value_and_grad",
+]

@@ -1,0 +1,133 @@
+"""The network's configuration: a frozen, hashable :class:`Model`.
+
+A ``Model`` says what the network is (layer sizes, activations, cost, regularisers); the
+parameters are a separate pytree, a tuple with one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}``
+dict per layer, so every function of the library is pure and a ``Model`` can be a static
+argument to ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+from jax import Array
+
+from jbackprop import activations, costs
+from jbackprop.activations import Activation
+from jbackprop.costs import Cost
+
+__all__ = ["Model", "Params"]
+
+Params = tuple[dict[str, Array], ...]
+"""One ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer ``l = 1..L``."""
+
+
+def _nonnegative(name: str, value: Any, below_one: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Model: {name} must be a number, got {value!r}") from None
+    upper = "< 1" if below_one else "finite"
+    if not (math.isfinite(value) and value >= 0 and (not below_one or value < 1)):
+        raise ValueError(f"Model: {name} must be >= 0 and {upper}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Model:
+    """A fully-connected network ``sizes[0] -> ... -> sizes[-1]``.
+
+    Args:
+      sizes: units per layer, ``(n_0, n_1, ..., n_L)``; ``n_0`` is the input width.
+      hidden: activation of layers ``1..L-1``: a name from ``jbackprop.activations.names()``
+        or an :class:`~jbackprop.activations.Activation`, e.g. ``leaky_relu(0.2)``.
+      output: activation of layer ``L``; also ``"softmax"`` and ``"identity"``.
+      cost: ``"quadratic"``, ``"cross_entropy"`` (needs outputs in (0, 1)) or
+        ``"log_likelihood"`` (needs a softmax output).
+      l2: ``λ`` of the L2 term ``λ/(2n) Σ w²`` (eq 12).
+      l1: ``λ`` of the L1 term ``λ/n Σ |w|``.
+      dropout: probability of switching a hidden unit off during training.
+
+    Activation and cost names are resolved to their objects when the model is built, so
+    ``model.hidden`` is an :class:`~jbackprop.activations.Activation`.
+    """
+
+    sizes: tuple[int, ...]
+    hidden: str | Activation = "sigmoid"
+    output: str | Activation = "sigmoid"
+    cost: str | Cost = "cross_entropy"
+    l2: float = 0.0
+    l1: float = 0.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "sizes", _check_sizes(self.sizes))
+        hidden = activations.get(self.hidden)
+        if not hidden.elementwise:
+            raise ValueError(
+                f"Model: hidden activation {hidden.spec!r} is not elementwise; softmax is "
+                "allowed only as the output activation"
+            )
+        output = activations.get(self.output)
+        cost = costs.get(self.cost)
+        cost.check(output)
+        if output.name == "softmax" and self.sizes[-1] < 2:
+            raise ValueError(
+                f"Model: a softmax output needs at least 2 units, got sizes {self.sizes}"
+            )
+        set_(self, "hidden", hidden)
+        set_(self, "output", output)
+        set_(self, "cost", cost)
+        set_(self, "l2", _nonnegative("l2", self.l2))
+        set_(self, "l1", _nonnegative("l1", self.l1))
+        set_(self, "dropout", _nonnegative("dropout", self.dropout, below_one=True))
+
+    @property
+    def num_layers(self) -> int:
+        """``L``, the number of weight layers."""
+        return len(self.sizes) - 1
+
+    def activation(self, l: int) -> Activation:
+        """The activation of layer ``l`` (1-based, as in the lecture)."""
+        return self.output if l == self.num_layers else self.hidden
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description that :meth:`from_dict` turns back into this model."""
+        return {
+            "sizes": list(self.sizes),
+            "hidden": self.hidden.spec,
+            "output": self.output.spec,
+            "cost": self.cost.name,
+            "l2": self.l2,
+            "l1": self.l1,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> Model:
+        """Inverse of :meth:`to_dict`."""
+        known = {"sizes", "hidden", "output", "cost", "l2", "l1", "dropout"}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"Model: unknown configuration keys {sorted(unknown)}")
+        return cls(**{**config, "sizes": tuple(config["sizes"])})
+
+
+def _check_sizes(sizes: Any) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sizes)
+    except TypeError:
+        raise ValueError(
+            f"Model: sizes must be a sequence of layer widths, got {sizes!r}"
+        ) from None
+    if len(sizes) < 2:
+        raise ValueError(
+            f"Model: sizes needs at least two entries (inputs and outputs), got {sizes}"
+        )
+    if any(isinstance(s, bool) or not hasattr(s, "__index__") or s <= 0 for s in sizes):
+        raise ValueError(f"Model: every size must be a positive integer, got sizes {sizes}")
+    return tuple(operator.index(s) for s in sizes)
