@@ -19,20 +19,29 @@ from jbackprop.network import (
     per_example_grads,
     value_and_grad,
 )
+from jbackprop.privacy import clipped_grad, per_example_norms
+from jbackprop.training import TrainingDiverged, TrainState, accuracy, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Model",
     "Params",
+    "TrainState",
+    "TrainingDiverged",
+    "accuracy",
     "activations",
     "backprop",
+    "clipped_grad",
     "cost",
     "costs",
+    "evaluate",
+    "fit",
     "forward",
     "grad",
     "init_params",
     "per_example_grads",
+    "per_example_norms",
     "regularizers",
     "value_and_grad",
 ]
