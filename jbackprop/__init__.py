@@ -9,6 +9,7 @@ The lecture's equations as pure functions over explicit parameter pytrees::
 """
 
 from jbackprop import activations, costs, regularizers
+from jbackprop.io import load_params, save_params
 from jbackprop.model import Model, Params
 from jbackprop.network import (
     backprop,
@@ -40,8 +41,10 @@ __all__ = [
     "forward",
     "grad",
     "init_params",
+    "load_params",
     "per_example_grads",
     "per_example_norms",
     "regularizers",
+    "save_params",
     "value_and_grad",
 ]

@@ -1,0 +1,218 @@
+"""Saving parameters and training checkpoints in a safe format (safetensors, never pickle).
+
+A parameter file holds ``layer{l}.w`` and ``layer{l}.b`` tensors and, in the safetensors
+metadata, the model's configuration as JSON, so :func:`load_params` rebuilds both and
+checks that they belong together. A checkpoint adds the optimizer state (flattened in
+tree order), the PRNG key, the epoch and the history: all that :func:`jbackprop.fit`
+needs to resume bit-identically.
+
+Every write goes to a temporary file in the target folder, is flushed to disk with
+``fsync`` and then renamed over the final name, so a crash at any instant leaves either
+the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from jbackprop import checks
+from jbackprop.model import Model, Params
+from jbackprop.training import TrainState
+
+__all__ = ["load_checkpoint", "load_params", "save_checkpoint", "save_params"]
+
+FORMAT = "jbackprop.params/1"
+CHECKPOINT_FORMAT = "jbackprop.checkpoint/1"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is never left half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _param_tensors(params: Params) -> dict[str, np.ndarray]:
+    return {
+        f"layer{l}.{name}": np.asarray(layer[name])
+        for l, layer in enumerate(params, start=1)
+        for name in ("w", "b")
+    }
+
+
+def save_params(path: str | os.PathLike, params: Params, model: Model) -> Path:
+    """Save ``params`` with ``model``'s configuration to ``path`` (safetensors)."""
+    checks.check_params(params, model)
+    meta = {"format": FORMAT, "model": json.dumps(model.to_dict())}
+    atomic_write(path, save(_param_tensors(params), metadata=meta))
+    return Path(path)
+
+
+def _read(path: str | os.PathLike, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{what} file {path} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {what} file {path}: {err.strerror or err}") from None
+    try:
+        tensors = load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not a valid {what} file (corrupt or truncated safetensors): {err}"
+        ) from None
+    return tensors, meta
+
+
+def _model_from(meta: dict[str, str], path: Path, fmt: str) -> Model:
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a jbackprop file of kind {fmt!r}")
+    try:
+        return Model.from_dict(json.loads(meta["model"]))
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{path} holds an invalid model configuration: {err}") from None
+
+
+def _params_from(tensors: dict[str, np.ndarray], model: Model, path: Path) -> Params:
+    want = {f"layer{l}.{n}" for l in range(1, model.num_layers + 1) for n in ("w", "b")}
+    got = {k for k in tensors if k.startswith("layer")}
+    if got != want:
+        raise ValueError(
+            f"{path} holds tensors {sorted(got)}, but a model with sizes {model.sizes} "
+            f"needs {sorted(want)}"
+        )
+    params = tuple(
+        {"w": jnp.asarray(tensors[f"layer{l}.w"]), "b": jnp.asarray(tensors[f"layer{l}.b"])}
+        for l in range(1, model.num_layers + 1)
+    )
+    try:
+        checks.check_params(params, model)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return params
+
+
+def load_params(path: str | os.PathLike, model: Model | None = None) -> tuple[Params, Model]:
+    """Read parameters saved by :func:`save_params`; return ``(params, model)``.
+
+    If ``model`` is given, the file must describe the same network (layer count, sizes,
+    activations, cost), otherwise a ``ValueError`` says how they differ.
+    """
+    path = Path(path)
+    tensors, meta = _read(path, "parameter")
+    saved = _model_from(meta, path, FORMAT)
+    if model is not None and _structure(model) != _structure(saved):
+        raise ValueError(
+            f"{path} holds parameters of the model {saved.to_dict()}, not of the "
+            f"requested {model.to_dict()}"
+        )
+    return _params_from(tensors, saved, path), (model or saved)
+
+
+def _structure(model: Model) -> tuple:
+    return model.sizes, model.hidden, model.output, model.cost
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: str | os.PathLike, state: TrainState, model: Model, key: jax.Array, config: dict
+) -> Path:
+    """Save everything needed to resume training after ``state.epoch`` epochs.
+
+    ``config`` is a JSON-ready description of the run (the experiment's flags); resuming
+    compares it so that a checkpoint is never continued under another configuration.
+    """
+    tensors = _param_tensors(state.params)
+    best = state.best_params if state.best_params is not None else state.params
+    tensors |= {f"best.{k}": v for k, v in _param_tensors(best).items()}
+    for i, leaf in enumerate(jax.tree.leaves(state.opt_state)):
+        tensors[f"opt.{i:04d}"] = np.asarray(leaf)
+    tensors["key"] = np.asarray(jax.random.key_data(key))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "model": json.dumps(model.to_dict()),
+        "config": json.dumps(config, sort_keys=True),
+        "epoch": str(state.epoch),
+        "best_epoch": str(state.best_epoch),
+        "history": json.dumps(list(state.history)),
+        "key_impl": str(jax.random.key_impl(key)) if _typed(key) else "",
+    }
+    atomic_write(path, save(tensors, metadata=meta))
+    return Path(path)
+
+
+def _typed(key: jax.Array) -> bool:
+    return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, opt_template: Any
+) -> tuple[TrainState, Model, jax.Array, dict[str, Any]]:
+    """Read a checkpoint; ``opt_template`` is ``optimizer.init(params)`` giving the tree
+    structure of the optimizer state. Returns ``(state, model, key, config)``."""
+    path = Path(path)
+    tensors, meta = _read(path, "checkpoint")
+    model = _model_from(meta, path, CHECKPOINT_FORMAT)
+    params = _params_from(tensors, model, path)
+    best = _params_from(
+        {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}, model, path
+    )
+    leaves, treedef = jax.tree.flatten(opt_template)
+    opt = [tensors.get(f"opt.{i:04d}") for i in range(len(leaves))]
+    if any(o is None for o in opt) or any(
+        np.shape(o) != np.shape(t) for o, t in zip(opt, leaves, strict=True)
+    ):
+        raise ValueError(f"{path}: the optimizer state does not match this optimizer")
+    opt_state = jax.tree.unflatten(
+        treedef,
+        [jnp.asarray(o, dtype=jnp.result_type(t)) for o, t in zip(opt, leaves, strict=True)],
+    )
+    key = jnp.asarray(tensors["key"])
+    if meta.get("key_impl"):
+        key = jax.random.wrap_key_data(key, impl=meta["key_impl"])
+    state = TrainState(
+        params=params,
+        opt_state=opt_state,
+        epoch=int(meta["epoch"]),
+        history=tuple(json.loads(meta["history"])),
+        best_params=best,
+        best_epoch=int(meta["best_epoch"]),
+    )
+    return state, model, key, json.loads(meta["config"])
