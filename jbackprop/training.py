@@ -118,12 +118,16 @@ def _batch_constraint(mesh: Mesh | None, size: int):
 
 
 @lru_cache(maxsize=64)
-def _epoch_fn(model: Model, optimizer, batch_size: int, mesh: Mesh | None):
+def _epoch_fn(model: Model, optimizer, batch_size: int, mesh: Mesh | None, gradient=None):
     """A jitted epoch for this model, optimizer and minibatch size (cached: compiled once)."""
 
     def step(params, opt_state, X, Y, ids, key, n):
         shard = _batch_constraint(mesh, ids.shape[0])
-        g = _grad(params, shard(X[ids]), shard(Y[ids]), model, n, key)
+        Xb, Yb = shard(X[ids]), shard(Y[ids])
+        if gradient is None:
+            g = _grad(params, Xb, Yb, model, n, key if model.dropout else None)
+        else:
+            g = gradient(params, Xb, Yb, model, n, key)
         updates, opt_state = optimizer.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -133,18 +137,17 @@ def _epoch_fn(model: Model, optimizer, batch_size: int, mesh: Mesh | None):
         size = X.shape[0]
         steps, rem = divmod(size, batch_size)
         perm = jax.random.permutation(k_perm, size)
-        drop_keys = jax.random.split(k_drop, steps + 1) if model.dropout else None
+        step_keys = jax.random.split(k_drop, steps + 1)
 
         def body(carry, xs):
             ids, k = xs
             return step(*carry, X, Y, ids, k, n), None
 
         full = perm[: steps * batch_size].reshape(steps, batch_size)
-        ks = None if drop_keys is None else drop_keys[:steps]
-        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), (full, ks))
+        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), (full, step_keys[:steps]))
         if rem:
-            k = None if drop_keys is None else drop_keys[steps]
-            params, opt_state = step(params, opt_state, X, Y, perm[steps * batch_size :], k, n)
+            tail = perm[steps * batch_size :]
+            params, opt_state = step(params, opt_state, X, Y, tail, step_keys[steps], n)
         return params, opt_state
 
     return epoch
@@ -239,6 +242,7 @@ def fit(
     on_epoch: Callable[[TrainState], None] | None = None,
     log: Callable[[dict[str, float]], None] | None = None,
     allow_nonfinite: bool = False,
+    gradient: Callable | None = None,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train by minibatch SGD; return the final (or best) params and a per-epoch history.
 
@@ -259,6 +263,9 @@ def fit(
       on_epoch: called with a :class:`TrainState` after every epoch (e.g. to checkpoint).
       log: called with each epoch's history record.
       allow_nonfinite: skip the check that ``X`` holds no NaN or infinity.
+      gradient: replaces :func:`jbackprop.grad` in each step; a hashable callable
+        ``(params, X, Y, model, n, key) -> grads`` traced inside the compiled epoch, given
+        a fresh key per step (e.g. :class:`jbackprop.privacy.DPGradient`).
 
     Each history record holds ``epoch``, ``train_cost``, ``train_accuracy``, ``val_cost``
     and ``val_accuracy`` (with validation) and ``seconds``. Raises
@@ -277,7 +284,7 @@ def fit(
         raise ValueError(f"n must be finite, got {n}")
     key = _as_key(key)
     state = resume or TrainState(tuple(params), optimizer.init(tuple(params)), 0)
-    run = _epoch_fn(model, optimizer, batch_size, mesh)
+    run = _epoch_fn(model, optimizer, batch_size, mesh, gradient)
     data_X, data_Y = tr.X, tr.Y
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
