@@ -1,0 +1,1 @@
+"""Experiments that exercise the library on real data; run them with ``python -m``."""
