@@ -14,12 +14,14 @@ would have. At the end it holds ``metrics.json``, ``learning_curves.png`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--sizes must start with 784 (28x28 pixels), got {args.sizes[0]}")
     if args.sizes[-1] != 10:
         p.error(f"--sizes must end with 10 (one output per class), got {args.sizes[-1]}")
-    if args.sweep and args.dp_clip:
-        p.error("--sweep and --dp-clip cannot be combined")
+    if args.sweep and (args.dp_clip or args.resume or args.patience or args.track_stats):
+        p.error("--sweep cannot be combined with --dp-clip, --resume, --patience or --track-stats")
     return args
 
 
@@ -397,6 +399,74 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _sweep_grid(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Every combination of the swept values, the other flags at their given values."""
+    grid = [{"eta": args.eta, "lmbda": args.lmbda, "dropout": args.dropout, "seed": args.seed}]
+    for name, values in args.sweep:
+        grid = [g | {name: v} for g in grid for v in values]
+    return grid
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Train every configuration at once, pick the best by validation accuracy, and touch
+    the test set only for the winner."""
+    started = time.perf_counter()
+    out = _out_dir(args)
+    _prepare_out(out)
+    grid = _sweep_grid(args)
+    model = _model(vars(args) | {"dropout": max(g["dropout"] for g in grid)})
+    train, validation, test = _load_data(args)
+    factory = {"sgd": optax.sgd, "momentum": partial(optax.sgd, momentum=0.9), "adam": optax.adam}
+    print(f"training {len(grid)} configurations at once", flush=True)
+    params, histories = jb.fit_many(
+        jnp.stack([jax.random.key(int(g["seed"])) for g in grid]),
+        model,
+        train,
+        args.epochs,
+        args.batch_size,
+        eta=[g["eta"] for g in grid],
+        lmbda=[g["lmbda"] for g in grid],
+        dropout=[g["dropout"] for g in grid],
+        optimizer=factory[args.optimizer],
+        validation=validation,
+        scheme=args.init,
+    )
+    results = []
+    for g, history in zip(grid, histories, strict=True):
+        best = max(history, key=lambda r: r["val_accuracy"])
+        results.append(g | {"best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"]})
+        print(
+            "  "
+            + ", ".join(f"{k}={v}" for k, v in g.items())
+            + f": best validation accuracy {100 * best['val_accuracy']:.2f}% "
+            f"(epoch {best['epoch']})",
+            flush=True,
+        )
+    win = max(range(len(grid)), key=lambda i: results[i]["best_val_accuracy"])
+    winner = jax.tree.map(lambda x: x[win], params)
+    winner_model = dataclasses.replace(model, l2=grid[win]["lmbda"], dropout=grid[win]["dropout"])
+    test_accuracy = jb.accuracy(winner, *test, winner_model)
+    jb.save_params(out / "params.safetensors", winner, winner_model)
+    history = histories[win]
+    _write_metrics(
+        out,
+        config_of(args),
+        history,
+        results[win]["best_epoch"],
+        test_accuracy,
+        time.perf_counter() - started,
+        {"sweep": results, "winner": grid[win]},
+    )
+    plot_learning_curves(out / "learning_curves.png", history, _title(args) + " (sweep winner)")
+    print(
+        "winner: "
+        + ", ".join(f"{k}={v}" for k, v in grid[win].items())
+        + f"\ntest accuracy of the winner {100 * test_accuracy:.2f}%\noutputs in {out}/",
+        flush=True,
+    )
+    return json.loads((out / "metrics.json").read_text())
+
+
 def _title(args: argparse.Namespace) -> str:
     sizes = "-".join(map(str, args.sizes))
     return (
@@ -416,7 +486,7 @@ def _dp_gradient(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        run_sweep(args) if args.sweep else run(args)
     except (UserError, data.DataError, ValueError, OSError) as err:
         if args.debug:
             traceback.print_exc()
