@@ -33,6 +33,7 @@ import optax
 import jbackprop as jb
 from jbackprop import activations, costs, data
 from jbackprop.io import atomic_write, load_checkpoint, save_checkpoint
+from jbackprop.network import add_penalty_grads
 
 CHECKPOINT = "checkpoint.safetensors"
 # Flags that may differ between a run and its resumption without changing its result.
@@ -344,9 +345,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     flag: dict[str, Any] = {}
     progress = _Progress(args.epochs, args.progress)
+    stats: list[dict[str, float]] = _previous_stats(out, resume)
+    measure = _stats_tracker(model, train, args.seed, len(train[0])) if args.track_stats else None
 
     def on_epoch(state: jb.TrainState) -> None:
+        if measure is not None:
+            stats.append({"epoch": state.epoch} | measure(state.params))
+            print(
+                f"          median gradient norm {stats[-1]['median_grad_norm']:.4g}  "
+                f"noise scale B_simple {stats[-1]['noise_scale']:.4g}",
+                flush=True,
+            )
         save_checkpoint(out / CHECKPOINT, state, model, train_key, cfg)
+        _write_metrics(
+            out,
+            cfg,
+            state.history,
+            state.best_epoch,
+            None,
+            time.perf_counter() - started,
+            {"grad_stats": stats} if measure else None,
+        )
         if flag.get("signal"):
             raise Interrupted(state.epoch)
 
@@ -387,8 +406,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test_accuracy = jb.accuracy(params, *test, model)
     jb.save_params(out / "params.safetensors", params, model)
     seconds = time.perf_counter() - started
-    _write_metrics(out, cfg, history, best_epoch, test_accuracy, seconds)
+    extra = {"grad_stats": stats} if args.track_stats else None
+    _write_metrics(out, cfg, history, best_epoch, test_accuracy, seconds, extra)
     plot_learning_curves(out / "learning_curves.png", history, _title(args))
+    if args.track_stats:
+        plot_grad_stats(out / "grad_stats.png", stats, _title(args))
     print(
         f"test accuracy {100 * test_accuracy:.2f}% (parameters of epoch "
         f"{best_epoch if args.patience else history[-1]['epoch']}; best validation epoch "
@@ -467,12 +489,92 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
 
 
+STATS_SAMPLE, STATS_CHUNK = 1000, 100
+
+
+def _stats_tracker(model: jb.Model, train, seed: int, n: int):
+    """Gradient noise statistics on a fixed sample of training examples, per epoch.
+
+    Returns a function of the params giving the median per-example gradient norm and the
+    simple noise scale ``B_simple = tr(Σ) / |G|²`` (McCandlish et al. 2018), where ``Σ`` is
+    the per-example gradient covariance and ``G`` the full-batch gradient, both estimated
+    without bias from ``STATS_SAMPLE`` examples by :func:`jbackprop.grad_stats`.
+    """
+    X, y = train
+    ids = np.random.default_rng(seed).choice(len(X), min(STATS_SAMPLE, len(X)), replace=False)
+    chunks = [ids[i : i + STATS_CHUNK] for i in range(0, len(ids), STATS_CHUNK)]
+    total = len(ids)
+    plain = dataclasses.replace(model, l2=0.0, l1=0.0, dropout=0.0)
+
+    def measure(params) -> dict[str, float]:
+        parts = [jb.grad_stats(params, X[c], y[c], plain) for c in chunks]
+        # Per-example gradients of the unregularised cost: the regulariser shifts every
+        # g_i alike, so it changes G but not the covariance Σ.
+        sum_g = jax.tree.map(
+            lambda *g: sum(len(c) * x for c, x in zip(chunks, g, strict=True)),
+            *[s.grad for s in parts],
+        )
+        sum_sq = jax.tree.map(lambda *x: sum(x), *[s.sum_grad_squared for s in parts])
+        mean = jax.tree.map(lambda t: t / total, sum_g)
+        trace = (
+            total
+            / (total - 1)
+            * sum(
+                float(jnp.sum(sq / total - g**2))
+                for sq, g in zip(jax.tree.leaves(sum_sq), jax.tree.leaves(mean), strict=True)
+            )
+        )
+        G = add_penalty_grads(mean, params, model, n)
+        g2 = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(G)) - trace / total
+        norms = np.concatenate([np.asarray(s.norms) for s in parts])
+        return {
+            "median_grad_norm": float(np.median(norms)),
+            "noise_scale": trace / g2 if g2 > 0 else float("inf"),
+        }
+
+    return measure
+
+
+def plot_grad_stats(path: Path, stats: list[dict[str, float]], title: str) -> None:
+    """Median per-example gradient norm and noise scale per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in stats]
+    fig, (ax_n, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_n.plot(epochs, [r["median_grad_norm"] for r in stats], "o-")
+    ax_n.set(xlabel="epoch", ylabel="median ‖g_i‖", title="per-example gradient norm")
+    ax_b.semilogy(epochs, [r["noise_scale"] for r in stats], "o-")
+    ax_b.set(xlabel="epoch", ylabel="B_simple (examples)", title="gradient noise scale")
+    for ax in (ax_n, ax_b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _title(args: argparse.Namespace) -> str:
     sizes = "-".join(map(str, args.sizes))
     return (
         f"{args.dataset} {sizes} {args.hidden}/{args.output} {args.cost}, η={args.eta}, "
         f"λ={args.lmbda}, minibatch {args.batch_size}"
     )
+
+
+def _previous_stats(out: Path, resume) -> list[dict[str, float]]:
+    """On resumption, the statistics already recorded for the finished epochs."""
+    if resume is None or not (out / "metrics.json").exists():
+        return []
+    try:
+        old = json.loads((out / "metrics.json").read_text()).get("grad_stats") or []
+    except (OSError, ValueError):
+        return []
+    return [r for r in old if r["epoch"] <= resume.epoch]
 
 
 def _dp_gradient(args: argparse.Namespace):
