@@ -23,6 +23,7 @@ division by the minibatch size. Its noise is drawn the same way too, so for the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -40,7 +41,7 @@ from jbackprop.network import (
     feedforward,
 )
 
-__all__ = ["clipped_grad", "per_example_norms"]
+__all__ = ["DPGradient", "clipped_grad", "per_example_norms"]
 
 
 # --- the equations --------------------------------------------------------------------
@@ -186,3 +187,33 @@ def clipped_grad(
             "and noise_key draws it"
         )
     return _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key)
+
+
+@dataclass(frozen=True)
+class DPGradient:
+    """DP-SGD as the per-step gradient of :func:`jbackprop.fit` (its ``gradient=``).
+
+    Each step's key is split into the dropout key and the noise key, so every step draws
+    fresh noise. Frozen and hashable, so the compiled epoch is reused for equal settings.
+    """
+
+    clip: float
+    noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        _scalar("clip", self.clip, positive=True)
+        _scalar("noise_multiplier", self.noise_multiplier, positive=False)
+
+    def __call__(self, params, X, Y, model: Model, n, key) -> Params:
+        drop_key, noise_key = jax.random.split(key)
+        return _clipped_grad(
+            params,
+            X,
+            Y,
+            model,
+            n,
+            drop_key if model.dropout else None,
+            self.clip,
+            self.noise_multiplier,
+            noise_key if self.noise_multiplier else None,
+        )
