@@ -21,11 +21,14 @@ from jbackprop.network import (
     value_and_grad,
 )
 from jbackprop.privacy import clipped_grad, per_example_norms
+from jbackprop.stats import GradStats, diag_ggn, grad_stats
+from jbackprop.sweep import fit_many
 from jbackprop.training import TrainingDiverged, TrainState, accuracy, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradStats",
     "Model",
     "Params",
     "TrainState",
@@ -36,10 +39,13 @@ __all__ = [
     "clipped_grad",
     "cost",
     "costs",
+    "diag_ggn",
     "evaluate",
     "fit",
+    "fit_many",
     "forward",
     "grad",
+    "grad_stats",
     "init_params",
     "load_params",
     "per_example_grads",
