@@ -118,8 +118,14 @@ def _batch_constraint(mesh: Mesh | None, size: int):
 
 
 @lru_cache(maxsize=64)
-def _epoch_fn(model: Model, optimizer, batch_size: int, mesh: Mesh | None, gradient=None):
-    """A jitted epoch for this model, optimizer and minibatch size (cached: compiled once)."""
+def _epoch_fn(
+    model: Model, optimizer, batch_size: int, mesh: Mesh | None, gradient=None, impl=None
+):
+    """A jitted epoch for this model, optimizer and minibatch size (cached: compiled once).
+
+    The epoch key arrives as raw key data (``impl`` names its PRNG) so that it can be
+    placed on a mesh spanning several processes like any other array.
+    """
 
     def step(params, opt_state, X, Y, ids, key, n):
         shard = _batch_constraint(mesh, ids.shape[0])
@@ -131,8 +137,8 @@ def _epoch_fn(model: Model, optimizer, batch_size: int, mesh: Mesh | None, gradi
         updates, opt_state = optimizer.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    @jax.jit
-    def epoch(params, opt_state, X, Y, key, n):
+    def epoch(params, opt_state, X, Y, key_data, n):
+        key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
         k_perm, k_drop = jax.random.split(key)
         size = X.shape[0]
         steps, rem = divmod(size, batch_size)
@@ -150,7 +156,9 @@ def _epoch_fn(model: Model, optimizer, batch_size: int, mesh: Mesh | None, gradi
             params, opt_state = step(params, opt_state, X, Y, tail, step_keys[steps], n)
         return params, opt_state
 
-    return epoch
+    if mesh is None:
+        return jax.jit(epoch)
+    return jax.jit(epoch, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 # --- fit ------------------------------------------------------------------------------
@@ -172,6 +180,8 @@ def _prepare(params, model: Model, data, name: str, allow_nonfinite: bool = True
 
 
 def _resolve_mesh(devices) -> Mesh | None:
+    if devices is None and jax.process_count() > 1:
+        devices = "all"  # jax.distributed is initialised: train over every process
     if devices is None:
         return None
     if isinstance(devices, Mesh):
@@ -212,14 +222,14 @@ def _check_optimizer(optimizer) -> None:
 
 
 def _record(epoch, train: _Data, val: _Data | None, params, model, n, seconds_from):
-    c, acc, finite = _evaluate(params, train.X, train.Y, train.labels, model, n)
+    c, acc, finite = _local(_evaluate(params, train.X, train.Y, train.labels, model, n))
     if not bool(finite):
         raise TrainingDiverged(epoch, "parameters")
     if not math.isfinite(float(c)):
         raise TrainingDiverged(epoch, "training cost")
     rec = {"epoch": epoch, "train_cost": float(c), "train_accuracy": float(acc)}
     if val is not None:
-        vc, vacc, _ = _evaluate(params, val.X, val.Y, val.labels, model, n)
+        vc, vacc, _ = _local(_evaluate(params, val.X, val.Y, val.labels, model, n))
         rec |= {"val_cost": float(vc), "val_accuracy": float(vacc)}
     rec["seconds"] = time.perf_counter() - seconds_from
     return rec
@@ -284,29 +294,70 @@ def fit(
         raise ValueError(f"n must be finite, got {n}")
     key = _as_key(key)
     state = resume or TrainState(tuple(params), optimizer.init(tuple(params)), 0)
-    run = _epoch_fn(model, optimizer, batch_size, mesh, gradient)
-    data_X, data_Y = tr.X, tr.Y
-    if mesh is not None:
-        replicated = NamedSharding(mesh, PartitionSpec())
-        data_X, data_Y = jax.device_put((data_X, data_Y), replicated)
-    params, opt_state = state.params, state.opt_state
+    impl = jax.random.key_impl(key) if _typed_key(key) else None
+    run = _epoch_fn(model, optimizer, batch_size, mesh, gradient, impl)
+    # With a mesh, data and state are replicated on every device (of every process); each
+    # step's minibatch is then sharded over the batch axis inside the compiled epoch.
+    tr, val = _replicate_data(tr, mesh), _replicate_data(val, mesh)
+    params, opt_state = _replicate((state.params, state.opt_state), mesh)
     history, best, best_epoch = list(state.history), state.best_params, state.best_epoch
     for epoch in range(state.epoch + 1, epochs + 1):
         start = time.perf_counter()
-        params, opt_state = run(params, opt_state, data_X, data_Y, _epoch_key(key, epoch), n)
+        epoch_key = _replicate(_key_data(_epoch_key(key, epoch)), mesh)
+        params, opt_state = run(params, opt_state, tr.X, tr.Y, epoch_key, n)
         rec = _record(epoch, tr, val, params, model, n, start)
         history.append(rec)
         if val is None or best is None or rec["val_accuracy"] > _best_accuracy(history, best_epoch):
-            best, best_epoch = params, epoch
-        state = TrainState(params, opt_state, epoch, tuple(history), best, best_epoch)
+            best, best_epoch = _local(params), epoch
+        state = TrainState(
+            _local(params), _local(opt_state), epoch, tuple(history), best, best_epoch
+        )
         if log is not None:
             log(rec)
         if on_epoch is not None:
             on_epoch(state)
         if patience is not None and epoch - best_epoch >= patience:
             break
-    final = best if (patience is not None and best is not None) else params
+    final = best if (patience is not None and best is not None) else _local(params)
     return final, history
+
+
+def _typed_key(key: Array) -> bool:
+    return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(key: Array) -> Array:
+    return jax.random.key_data(key) if _typed_key(key) else key
+
+
+def _replicate(tree, mesh: Mesh | None):
+    """Place ``tree`` on every device of ``mesh``, across processes if it spans several."""
+    if mesh is None or tree is None:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+        return jax.device_put(tree, sharding)
+    # Every process holds the same values; each contributes its copy of the global array.
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(_local(x))), tree
+    )
+
+
+def _replicate_data(data: _Data | None, mesh: Mesh | None) -> _Data | None:
+    if data is None or mesh is None:
+        return data
+    return _Data(*_replicate((data.X, data.Y, data.labels), mesh), data.n)
+
+
+def _local(tree):
+    """This process's copy of replicated arrays, usable outside the mesh (saving, eval)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree.map(one, tree)
 
 
 def _best_accuracy(history, best_epoch: int) -> float:
