@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from functools import partial
@@ -37,7 +38,12 @@ from jbackprop.network import add_penalty_grads
 
 CHECKPOINT = "checkpoint.safetensors"
 # Flags that may differ between a run and its resumption without changing its result.
-NOT_CONFIG = {"out", "resume", "debug", "epochs", "progress", "data_dir", "patience"}
+NOT_CONFIG = {"out", "resume", "debug", "epochs", "progress", "data_dir", "patience"} | {
+    "coordinator",
+    "num_processes",
+    "process_id",
+    "timeout",
+}
 
 
 class UserError(Exception):
@@ -140,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     a("--dp-noise", type=_number(0), default=0.0, help="DP-SGD: noise multiplier σ")
     a("--sweep", type=_sweep, action="append", help="e.g. eta=0.1,0.5,1.0 (repeatable)")
     a("--track-stats", action="store_true", help="record gradient noise statistics")
+    a("--coordinator", metavar="HOST:PORT", help="multi-process: process 0's address")
+    a("--num-processes", type=_positive_int, help="multi-process: how many processes")
+    a("--process-id", type=int, help="multi-process: this process's index, 0..N-1")
+    a("--timeout", type=_positive_int, default=120, help="seconds to wait for peers")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("--debug", action="store_true", help="show tracebacks")
     return p
@@ -330,7 +340,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate on the test set once; return the metrics."""
     started = time.perf_counter()
     out = _out_dir(args)
-    _prepare_out(out)
+    if args.resume is not None and not (out / CHECKPOINT).is_file():
+        raise UserError(f"--resume {out}: there is no {CHECKPOINT} in that folder")
+    main_process = jax.process_index() == 0  # the only one that prints and writes
+    if main_process:
+        _prepare_out(out)
     model = _model(vars(args))
     optimizer = _optimizer(args.optimizer, args.eta)
     train, validation, test = _load_data(args)
@@ -341,7 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resume = None
     if args.resume is not None:
         resume, train_key = _resume_state(args, out, model, optimizer, params)
-        print(f"resuming {out} after epoch {resume.epoch}", flush=True)
+        if main_process:
+            print(f"resuming {out} after epoch {resume.epoch}", flush=True)
 
     flag: dict[str, Any] = {}
     progress = _Progress(args.epochs, args.progress)
@@ -349,6 +364,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     measure = _stats_tracker(model, train, args.seed, len(train[0])) if args.track_stats else None
 
     def on_epoch(state: jb.TrainState) -> None:
+        if not main_process:
+            if flag.get("signal"):
+                raise Interrupted(state.epoch)
+            return
         if measure is not None:
             stats.append({"epoch": state.epoch} | measure(state.params))
             print(
@@ -384,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             patience=args.patience,
             resume=resume,
             on_epoch=on_epoch,
-            log=progress,
+            log=progress if main_process else None,
             gradient=gradient,
         )
     except Interrupted as stop:
@@ -402,6 +421,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         restore()
     progress.close()
 
+    if not main_process:
+        return {}
     best_epoch = max(history, key=lambda r: r.get("val_accuracy", 0.0))["epoch"]
     test_accuracy = jb.accuracy(params, *test, model)
     jb.save_params(out / "params.safetensors", params, model)
@@ -585,9 +606,78 @@ def _dp_gradient(args: argparse.Namespace):
     return DPGradient(clip=args.dp_clip, noise_multiplier=args.dp_noise)
 
 
+def _distributed_requested(args: argparse.Namespace) -> bool:
+    if args.coordinator or args.num_processes or args.process_id is not None:
+        return True
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    # Launchers JAX detects by itself (SLURM, Open MPI), when they run several tasks.
+    return any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Join JAX's multi-controller runtime when this is one of several processes."""
+    if not _distributed_requested(args):
+        return
+    addr = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = args.num_processes or _env_int("JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else _env_int("JAX_PROCESS_ID")
+    if num is not None and pid is not None and not 0 <= pid < num:
+        raise UserError(f"--process-id {pid} must lie in 0..{num - 1} (--num-processes {num})")
+    # CPU processes talk over gloo; GPUs and TPUs use their own collectives regardless.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    message = (
+        f"error: process {pid} could not join the run coordinated at {addr} within "
+        f"{args.timeout} s. Check that every process got the same --coordinator and "
+        "--num-processes, and that process 0 is running and reachable."
+    )
+    # JAX aborts the whole process (no exception) when the coordinator stays unreachable,
+    # so a watchdog that fires first gives the user a message instead of a C++ trace.
+    watchdog = threading.Timer(args.timeout, _give_up, (message,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=addr,
+            num_processes=num,
+            process_id=pid,
+            initialization_timeout=args.timeout + 30,
+            heartbeat_timeout_seconds=max(10, args.timeout // 4),
+        )
+    except Exception as err:  # JAX raises several types here; all mean "could not join"
+        raise UserError(f"{message.removeprefix('error: ')} ({err})") from None
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    code = _main(args)
+    if code and jax.process_count() > 1:
+        # jax.distributed's exit handler waits at a barrier for every peer, and a failed
+        # peer never arrives: leave now, with the message already printed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
+        init_distributed(args)
         run_sweep(args) if args.sweep else run(args)
     except (UserError, data.DataError, ValueError, OSError) as err:
         if args.debug:
@@ -600,6 +690,21 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print("error: interrupted; checkpoints on disk are intact", file=sys.stderr)
         return 130
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        addr = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+        reason = str(err).strip().splitlines()[0]
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()} (coordinator "
+            f"{addr}) lost contact with its peers: another process failed or became "
+            f"unreachable ({reason}). Checkpoints on disk are intact; resume all processes "
+            "with --resume.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -609,5 +714,4 @@ def _os_message(err: OSError) -> str:
 
 
 if __name__ == "__main__":
-    jnp.zeros(())  # initialise the backend before installing signal handlers
     sys.exit(main())
