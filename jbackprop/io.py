@@ -41,6 +41,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> what open() gives
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -49,6 +50,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -196,8 +203,11 @@ def load_checkpoint(
     )
     leaves, treedef = jax.tree.flatten(opt_template)
     opt = [tensors.get(f"opt.{i:04d}") for i in range(len(leaves))]
-    if any(o is None for o in opt) or any(
-        np.shape(o) != np.shape(t) for o, t in zip(opt, leaves, strict=True)
+    saved = sum(k.startswith("opt.") for k in tensors)
+    if (
+        saved != len(leaves)
+        or any(o is None for o in opt)
+        or any(np.shape(o) != np.shape(t) for o, t in zip(opt, leaves, strict=True))
     ):
         raise ValueError(f"{path}: the optimizer state does not match this optimizer")
     opt_state = jax.tree.unflatten(
