@@ -107,9 +107,10 @@ def _compiled(model: Model, optimizer_factory, batch_size: int):
 
 
 def _per_model(name: str, value, k: int, default: float, low: float, high: float | None):
-    values = np.broadcast_to(np.asarray(default if value is None else value, float), (k,))
-    if values.shape != (k,) or not np.all(np.isfinite(values)):
+    values = np.asarray(default if value is None else value, float)
+    if values.shape not in ((), (k,)) or not np.all(np.isfinite(values)):
         raise ValueError(f"{name} must be a number or {k} finite numbers, got {value!r}")
+    values = np.broadcast_to(values, (k,))
     if np.any(values < low) or (high is not None and np.any(values >= high)):
         upper = f" and < {high}" if high is not None else ""
         raise ValueError(f"{name} values must be >= {low}{upper}, got {values.tolist()}")
