@@ -119,12 +119,19 @@ def _batch_constraint(mesh: Mesh | None, size: int):
 
 @lru_cache(maxsize=64)
 def _epoch_fn(
-    model: Model, optimizer, batch_size: int, mesh: Mesh | None, gradient=None, impl=None
+    model: Model,
+    optimizer,
+    batch_size: int,
+    mesh: Mesh | None,
+    gradient=None,
+    impl=None,
+    progress=None,
 ):
     """A jitted epoch for this model, optimizer and minibatch size (cached: compiled once).
 
     The epoch key arrives as raw key data (``impl`` names its PRNG) so that it can be
-    placed on a mesh spanning several processes like any other array.
+    placed on a mesh spanning several processes like any other array. ``progress``, if
+    given, is called from inside the compiled scan about 50 times per epoch.
     """
 
     def step(params, opt_state, X, Y, ids, key, n):
@@ -146,11 +153,15 @@ def _epoch_fn(
         step_keys = jax.random.split(k_drop, steps + 1)
 
         def body(carry, xs):
-            ids, k = xs
+            i, ids, k = xs
+            if progress is not None:
+                report = lambda: jax.debug.callback(progress, i, steps)  # noqa: E731
+                jax.lax.cond(i % max(1, steps // 50) == 0, report, lambda: None)
             return step(*carry, X, Y, ids, k, n), None
 
         full = perm[: steps * batch_size].reshape(steps, batch_size)
-        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), (full, step_keys[:steps]))
+        xs = (jnp.arange(steps), full, step_keys[:steps])
+        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), xs)
         if rem:
             tail = perm[steps * batch_size :]
             params, opt_state = step(params, opt_state, X, Y, tail, step_keys[steps], n)
@@ -253,6 +264,7 @@ def fit(
     log: Callable[[dict[str, float]], None] | None = None,
     allow_nonfinite: bool = False,
     gradient: Callable | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train by minibatch SGD; return the final (or best) params and a per-epoch history.
 
@@ -295,7 +307,7 @@ def fit(
     key = _as_key(key)
     state = resume or TrainState(tuple(params), optimizer.init(tuple(params)), 0)
     impl = jax.random.key_impl(key) if _typed_key(key) else None
-    run = _epoch_fn(model, optimizer, batch_size, mesh, gradient, impl)
+    run = _epoch_fn(model, optimizer, batch_size, mesh, gradient, impl, progress)
     # With a mesh, data and state are replicated on every device (of every process); each
     # step's minibatch is then sharded over the batch axis inside the compiled epoch.
     tr, val = _replicate_data(tr, mesh), _replicate_data(val, mesh)

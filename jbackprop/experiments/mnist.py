@@ -253,14 +253,25 @@ def _resume_state(args, out: Path, model, optimizer, params):
 
 
 class _Progress:
-    """One line per epoch, and a bar over the epochs on a terminal."""
+    """A bar that fills during each epoch (on a terminal), then one line per epoch."""
+
+    WIDTH = 30
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.epoch = 1
+
+    def step(self, i, steps) -> None:
+        """Called from inside the compiled epoch with the minibatch index."""
+        done = int(self.WIDTH * (int(i) + 1) / max(1, int(steps)))
+        bar = "#" * done + "-" * (self.WIDTH - done)
+        sys.stderr.write(f"\r\033[Kepoch {self.epoch}/{self.total} [{bar}]")
+        sys.stderr.flush()
 
     def __call__(self, rec: dict[str, float]) -> None:
         if self.enabled:
             sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
         val = ""
         if "val_accuracy" in rec:
             val = f"  val cost {rec['val_cost']:.4f} acc {100 * rec['val_accuracy']:.2f}%"
@@ -269,11 +280,7 @@ class _Progress:
             f"acc {100 * rec['train_accuracy']:.2f}%{val}  {rec['seconds']:.2f} s",
             flush=True,
         )
-        if self.enabled:
-            done = int(30 * rec["epoch"] / self.total)
-            bar = "#" * done + "-" * (30 - done)
-            sys.stderr.write(f"[{bar}] {rec['epoch']}/{self.total} epochs")
-            sys.stderr.flush()
+        self.epoch = rec["epoch"] + 1
 
     def close(self) -> None:
         if self.enabled:
@@ -359,7 +366,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"resuming {out} after epoch {resume.epoch}", flush=True)
 
     flag: dict[str, Any] = {}
-    progress = _Progress(args.epochs, args.progress)
+    progress = _Progress(args.epochs, args.progress and main_process)
+    if resume is not None:
+        progress.epoch = resume.epoch + 1
     stats: list[dict[str, float]] = _previous_stats(out, resume)
     measure = _stats_tracker(model, train, args.seed, len(train[0])) if args.track_stats else None
 
@@ -405,6 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             on_epoch=on_epoch,
             log=progress if main_process else None,
             gradient=gradient,
+            progress=progress.step if progress.enabled and jax.process_count() == 1 else None,
         )
     except Interrupted as stop:
         progress.close()
