@@ -174,6 +174,18 @@ def _value_and_grad(params, X, Y, model, n, key):
 # --- public API -----------------------------------------------------------------------
 
 
+def like(params, tree):
+    """``tree`` with its per-layer tuples as lists when the caller's ``params`` is a list,
+    so gradients have exactly the structure of the parameters (as ``jax.grad`` gives)."""
+    if not isinstance(params, list) or not isinstance(tree, tuple):
+        return tree
+    if hasattr(tree, "_fields"):  # a NamedTuple of results
+        return type(tree)(*(like(params, t) for t in tree))
+    if tree and all(isinstance(t, dict) for t in tree):
+        return list(tree)
+    return tuple(like(params, t) for t in tree)
+
+
 def _batch(params, X, Y, model, n, key, regularised=True):
     """Check a minibatch call's arguments; return ``params``, ``X`` and ``Y`` as arrays."""
     checks.check_params(params, model)
@@ -206,7 +218,7 @@ def backprop(params: Params, x: Array, y: Array, model: Model, key: Array | None
     x = checks.inputs(x, model, params, batched=False)
     y = checks.targets(y, model, params, (), name="y")
     checks.check_key(key, model)
-    return _backprop(tuple(params), x, y, model, key)
+    return like(params, _backprop(tuple(params), x, y, model, key))
 
 
 def per_example_grads(
@@ -223,12 +235,11 @@ def per_example_grads(
     :func:`grad` and :func:`cost` use. ``chunk_size`` bounds memory: examples are processed
     that many at a time (the result itself still holds ``m`` gradients).
     """
-    params, X, Y = _batch(params, X, Y, model, None, key, regularised=False)
+    given, (params, X, Y) = params, _batch(params, X, Y, model, None, key, regularised=False)
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return _per_example_grads(
-        params, X, Y, model, key, None if chunk_size is None else int(chunk_size)
-    )
+    chunk = None if chunk_size is None else int(chunk_size)
+    return like(given, _per_example_grads(params, X, Y, model, key, chunk))
 
 
 def grad(
@@ -239,8 +250,8 @@ def grad(
     Equals ``mean(per_example_grads(...)) + (l2/n) w + (l1/n) sign(w)`` (eqs 9-13), computed
     as matrix products. ``n`` is the training-set size, required when ``l1`` or ``l2`` is on.
     """
-    params, X, Y = _batch(params, X, Y, model, n, key)
-    return _grad(params, X, Y, model, n, key)
+    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
+    return like(given, _grad(params, X, Y, model, n, key))
 
 
 def cost(
@@ -259,5 +270,5 @@ def value_and_grad(
     params: Params, X: Array, Y: Array, model: Model, n: int | None = None, key: Array | None = None
 ) -> tuple[Array, Params]:
     """:func:`cost` and :func:`grad` from one forward pass."""
-    params, X, Y = _batch(params, X, Y, model, n, key)
-    return _value_and_grad(params, X, Y, model, n, key)
+    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
+    return like(given, _value_and_grad(params, X, Y, model, n, key))

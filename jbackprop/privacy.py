@@ -39,6 +39,7 @@ from jbackprop.network import (
     backward,
     batch_masks,
     feedforward,
+    like,
 )
 
 __all__ = ["DPGradient", "clipped_grad", "per_example_norms"]
@@ -176,7 +177,7 @@ def clipped_grad(
       noise_key: PRNG key for the noise; required unless ``noise_multiplier`` is ``0``.
         Use a fresh key every step.
     """
-    params, X, Y = _batch(params, X, Y, model, n, key)
+    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
     clip = _scalar("clip", clip, positive=True)
     noise_multiplier = _scalar("noise_multiplier", noise_multiplier, positive=False)
     if checks.is_concrete(noise_multiplier) and noise_multiplier == 0:
@@ -186,7 +187,9 @@ def clipped_grad(
             f"noise_key is required: noise_multiplier={noise_multiplier} adds Gaussian noise, "
             "and noise_key draws it"
         )
-    return _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key)
+    return like(
+        given, _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key)
+    )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from jbackprop.network import (
     backward,
     batch_masks,
     feedforward,
+    like,
     mean_grads,
 )
 
@@ -116,8 +117,8 @@ def grad_stats(
     as :func:`jbackprop.grad` and :func:`jbackprop.per_example_grads`. Arguments are checked
     as :func:`jbackprop.grad` checks them.
     """
-    params, X, Y = _batch(params, X, Y, model, n, key)
-    return _grad_stats(params, X, Y, model, n, key)
+    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
+    return like(given, _grad_stats(params, X, Y, model, n, key))
 
 
 # --- diagonal of the generalised Gauss-Newton matrix ----------------------------------
@@ -275,7 +276,7 @@ def diag_ggn(
     the network with those masks fixed. Arguments are checked as :func:`jbackprop.grad`
     checks them (``n`` is not needed).
     """
-    params, X, Y = _batch(params, X, Y, model, None, key, regularised=False)
+    given, (params, X, Y) = params, _batch(params, X, Y, model, None, key, regularised=False)
     if model.cost.name not in _GGN_COSTS:
         raise ValueError(
             f"diag_ggn: cost {model.cost.name!r} is not supported; expected one of {_GGN_COSTS}"
@@ -283,9 +284,10 @@ def diag_ggn(
     if mc_samples is None:
         if mc_key is not None:
             raise ValueError("diag_ggn: mc_key is given but mc_samples is None (exact mode)")
-        return _diag_ggn_exact(params, X, Y, model, key)
+        return like(given, _diag_ggn_exact(params, X, Y, model, key))
     if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
         raise ValueError(f"diag_ggn: mc_samples must be a positive integer, got {mc_samples!r}")
     if mc_key is None:
         raise ValueError("diag_ggn: mc_key is required when mc_samples is given")
-    return _diag_ggn_mc(params, X, Y, model, key, operator.index(mc_samples), mc_key)
+    samples = operator.index(mc_samples)
+    return like(given, _diag_ggn_mc(params, X, Y, model, key, samples, mc_key))

@@ -331,3 +331,18 @@ def test_forward_ignores_dropout(dropout_case):
     z = numpy_forward(params, X)
     want = np.exp(z) / np.sum(np.exp(z), axis=1, keepdims=True)
     np.testing.assert_allclose(jb.forward(params, X, DROPOUT), want, rtol=1e-5)
+
+
+def test_gradients_keep_the_params_container():
+    """Params given as a list get list gradients, exactly the structure jax.grad returns."""
+    model = jb.Model((3, 4, 2), l2=0.5)
+    params = list(jb.init_params(jax.random.key(0), model))
+    X, y = np.ones((5, 3), np.float32), np.array([0, 1, 0, 1, 1])
+    chex.assert_trees_all_close(
+        jb.grad(params, X, y, model, n=10),
+        jax.grad(jb.cost)(params, X, y, model, n=10),
+        atol=1e-6,
+    )
+    assert isinstance(jb.value_and_grad(params, X, y, model, n=10)[1], list)
+    assert isinstance(jb.per_example_grads(params, X, y, model), list)
+    assert isinstance(jb.grad(tuple(params), X, y, model, n=10), tuple)
