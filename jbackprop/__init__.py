@@ -21,7 +21,7 @@ from jbackprop.network import (
     value_and_grad,
 )
 from jbackprop.privacy import clipped_grad, per_example_norms
-from jbackprop.stats import GradStats, diag_ggn, grad_stats
+from jbackprop.stats import GradStats, NoiseScale, diag_ggn, grad_stats, noise_scale
 from jbackprop.sweep import fit_many
 from jbackprop.training import TrainingDiverged, TrainState, accuracy, evaluate, fit
 
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradStats",
     "Model",
+    "NoiseScale",
     "Params",
     "TrainState",
     "TrainingDiverged",
@@ -48,6 +49,7 @@ __all__ = [
     "grad_stats",
     "init_params",
     "load_params",
+    "noise_scale",
     "per_example_grads",
     "per_example_norms",
     "regularizers",

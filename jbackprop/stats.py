@@ -21,14 +21,17 @@ masks for the same ``key`` (example ``i`` uses ``jax.random.split(key, m)[i]``).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
+from jbackprop import checks
 from jbackprop.costs import _log_a_and_log_1ma
 from jbackprop.model import Model, Params
 from jbackprop.network import (
@@ -41,7 +44,7 @@ from jbackprop.network import (
     mean_grads,
 )
 
-__all__ = ["GradStats", "diag_ggn", "grad_stats"]
+__all__ = ["GradStats", "NoiseScale", "diag_ggn", "grad_stats", "noise_scale"]
 
 
 class GradStats(NamedTuple):
@@ -291,3 +294,66 @@ def diag_ggn(
         raise ValueError("diag_ggn: mc_key is required when mc_samples is given")
     samples = operator.index(mc_samples)
     return like(given, _diag_ggn_mc(params, X, Y, model, key, samples, mc_key))
+
+
+# --- gradient noise scale -------------------------------------------------------------
+
+
+class NoiseScale(NamedTuple):
+    """What :func:`noise_scale` returns; plain Python floats.
+
+    Attributes:
+      b_simple: ``tr(Σ) / |G|²``, the simple noise scale of McCandlish et al. (2018).
+      trace: ``tr(Σ)``, the summed variance of the per-example gradients (unbiased).
+      grad_sq_norm: ``|G|²``, the squared norm of the true gradient (unbiased estimate).
+      median_norm: the median L2 norm of the examples' unregularised gradients.
+    """
+
+    b_simple: float
+    trace: float
+    grad_sq_norm: float
+    median_norm: float
+
+
+def noise_scale(
+    params: Params,
+    X: Array,
+    Y: Array,
+    model: Model,
+    n: int | None = None,
+    chunk_size: int = 100,
+) -> NoiseScale:
+    """The gradient noise scale ``B_simple = tr(Σ) / |G|²`` estimated on ``(X, Y)``.
+
+    ``Σ`` is the covariance of the per-example gradients and ``G`` the gradient of the
+    whole objective (regulariser included: it shifts every ``g_i`` alike, so it changes
+    ``G`` but not ``Σ``). From ``M`` examples, ``tr(Σ)`` is estimated by the unbiased
+    sample variance and ``|G|²`` by ``|mean g|² - tr(Σ)/M``, which removes the noise that a
+    finite sample adds to ``|mean g|²``. ``B_simple`` is roughly the minibatch size beyond
+    which larger minibatches stop reducing the number of steps much. Examples are processed
+    ``chunk_size`` at a time with :func:`grad_stats`, so memory stays small. Dropout is off.
+    """
+    checks.check_n(n, model)
+    plain = dataclasses.replace(model, l2=0.0, l1=0.0, dropout=0.0)
+    total = int(np.shape(X)[0])
+    if total < 2:
+        raise ValueError(f"noise_scale needs at least 2 examples, got {total}")
+    starts = range(0, total, chunk_size)
+    parts = [
+        grad_stats(params, X[i : i + chunk_size], Y[i : i + chunk_size], plain) for i in starts
+    ]
+    sizes = [min(chunk_size, total - i) for i in starts]
+    sum_g = jax.tree.map(
+        lambda *g: sum(m * x for m, x in zip(sizes, g, strict=True)), *[p.grad for p in parts]
+    )
+    sum_sq = jax.tree.map(lambda *x: sum(x), *[p.sum_grad_squared for p in parts])
+    mean = jax.tree.map(lambda t: t / total, sum_g)
+    variance = sum(
+        float(jnp.sum(sq / total - g**2))
+        for sq, g in zip(jax.tree.leaves(sum_sq), jax.tree.leaves(mean), strict=True)
+    )
+    trace = variance * total / (total - 1)
+    G = add_penalty_grads(tuple(mean), tuple(params), model, n)
+    g2 = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(G)) - trace / total
+    median = float(np.median(np.concatenate([np.asarray(p.norms) for p in parts])))
+    return NoiseScale(trace / g2 if g2 > 0 else float("inf"), trace, g2, median)

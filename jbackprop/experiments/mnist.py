@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from functools import partial
@@ -33,8 +32,9 @@ import optax
 
 import jbackprop as jb
 from jbackprop import activations, costs, data
+from jbackprop.experiments import distributed
+from jbackprop.experiments.plots import plot_grad_stats, plot_learning_curves
 from jbackprop.io import atomic_write, load_checkpoint, save_checkpoint
-from jbackprop.network import add_penalty_grads
 
 CHECKPOINT = "checkpoint.safetensors"
 # Flags that may differ between a run and its resumption without changing its result.
@@ -300,34 +300,6 @@ def _write_metrics(out: Path, cfg, history, best_epoch, test_accuracy, seconds, 
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
 
 
-def plot_learning_curves(path: Path, history, title: str) -> None:
-    """Cost and accuracy per epoch, training and validation, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_cost, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-"), ("val", "--")):
-        if f"{split}_cost" in history[0]:
-            name = "training" if split == "train" else "validation"
-            ax_cost.plot(epochs, [r[f"{split}_cost"] for r in history], style, label=name)
-            acc = [100 * r[f"{split}_accuracy"] for r in history]
-            ax_acc.plot(epochs, acc, style, label=name)
-    ax_cost.set(xlabel="epoch", ylabel="cost", title="cost")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_cost, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def _install_signal_handlers(flag: dict[str, Any]):
     def handler(signum, frame):
         if flag.get("signal"):
@@ -370,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if resume is not None:
         progress.epoch = resume.epoch + 1
     stats: list[dict[str, float]] = _previous_stats(out, resume)
-    measure = _stats_tracker(model, train, args.seed, len(train[0])) if args.track_stats else None
+    measure = _stats_tracker(model, train, args.seed) if args.track_stats else None
 
     def on_epoch(state: jb.TrainState) -> None:
         if not main_process:
@@ -520,73 +492,20 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
 
 
-STATS_SAMPLE, STATS_CHUNK = 1000, 100
+STATS_SAMPLE = 1000
 
 
-def _stats_tracker(model: jb.Model, train, seed: int, n: int):
-    """Gradient noise statistics on a fixed sample of training examples, per epoch.
-
-    Returns a function of the params giving the median per-example gradient norm and the
-    simple noise scale ``B_simple = tr(Σ) / |G|²`` (McCandlish et al. 2018), where ``Σ`` is
-    the per-example gradient covariance and ``G`` the full-batch gradient, both estimated
-    without bias from ``STATS_SAMPLE`` examples by :func:`jbackprop.grad_stats`.
-    """
+def _stats_tracker(model: jb.Model, train, seed: int):
+    """Per-epoch gradient statistics on a fixed sample of training examples."""
     X, y = train
     ids = np.random.default_rng(seed).choice(len(X), min(STATS_SAMPLE, len(X)), replace=False)
-    chunks = [ids[i : i + STATS_CHUNK] for i in range(0, len(ids), STATS_CHUNK)]
-    total = len(ids)
-    plain = dataclasses.replace(model, l2=0.0, l1=0.0, dropout=0.0)
+    Xs, ys = X[np.sort(ids)], y[np.sort(ids)]
 
     def measure(params) -> dict[str, float]:
-        parts = [jb.grad_stats(params, X[c], y[c], plain) for c in chunks]
-        # Per-example gradients of the unregularised cost: the regulariser shifts every
-        # g_i alike, so it changes G but not the covariance Σ.
-        sum_g = jax.tree.map(
-            lambda *g: sum(len(c) * x for c, x in zip(chunks, g, strict=True)),
-            *[s.grad for s in parts],
-        )
-        sum_sq = jax.tree.map(lambda *x: sum(x), *[s.sum_grad_squared for s in parts])
-        mean = jax.tree.map(lambda t: t / total, sum_g)
-        trace = (
-            total
-            / (total - 1)
-            * sum(
-                float(jnp.sum(sq / total - g**2))
-                for sq, g in zip(jax.tree.leaves(sum_sq), jax.tree.leaves(mean), strict=True)
-            )
-        )
-        G = add_penalty_grads(mean, params, model, n)
-        g2 = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(G)) - trace / total
-        norms = np.concatenate([np.asarray(s.norms) for s in parts])
-        return {
-            "median_grad_norm": float(np.median(norms)),
-            "noise_scale": trace / g2 if g2 > 0 else float("inf"),
-        }
+        s = jb.noise_scale(params, Xs, ys, model, n=len(X))
+        return {"median_grad_norm": s.median_norm, "noise_scale": s.b_simple}
 
     return measure
-
-
-def plot_grad_stats(path: Path, stats: list[dict[str, float]], title: str) -> None:
-    """Median per-example gradient norm and noise scale per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in stats]
-    fig, (ax_n, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_n.plot(epochs, [r["median_grad_norm"] for r in stats], "o-")
-    ax_n.set(xlabel="epoch", ylabel="median ‖g_i‖", title="per-example gradient norm")
-    ax_b.semilogy(epochs, [r["noise_scale"] for r in stats], "o-")
-    ax_b.set(xlabel="epoch", ylabel="B_simple (examples)", title="gradient noise scale")
-    for ax in (ax_n, ax_b):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _title(args: argparse.Namespace) -> str:
@@ -616,63 +535,6 @@ def _dp_gradient(args: argparse.Namespace):
     return DPGradient(clip=args.dp_clip, noise_multiplier=args.dp_noise)
 
 
-def _distributed_requested(args: argparse.Namespace) -> bool:
-    if args.coordinator or args.num_processes or args.process_id is not None:
-        return True
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    # Launchers JAX detects by itself (SLURM, Open MPI), when they run several tasks.
-    return any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    """Join JAX's multi-controller runtime when this is one of several processes."""
-    if not _distributed_requested(args):
-        return
-    addr = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    num = args.num_processes or _env_int("JAX_NUM_PROCESSES")
-    pid = args.process_id if args.process_id is not None else _env_int("JAX_PROCESS_ID")
-    if num is not None and pid is not None and not 0 <= pid < num:
-        raise UserError(f"--process-id {pid} must lie in 0..{num - 1} (--num-processes {num})")
-    # CPU processes talk over gloo; GPUs and TPUs use their own collectives regardless.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    message = (
-        f"error: process {pid} could not join the run coordinated at {addr} within "
-        f"{args.timeout} s. Check that every process got the same --coordinator and "
-        "--num-processes, and that process 0 is running and reachable."
-    )
-    # JAX aborts the whole process (no exception) when the coordinator stays unreachable,
-    # so a watchdog that fires first gives the user a message instead of a C++ trace.
-    watchdog = threading.Timer(args.timeout, _give_up, (message,))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        jax.distributed.initialize(
-            coordinator_address=addr,
-            num_processes=num,
-            process_id=pid,
-            initialization_timeout=args.timeout + 30,
-            heartbeat_timeout_seconds=max(10, args.timeout // 4),
-        )
-    except Exception as err:  # JAX raises several types here; all mean "could not join"
-        raise UserError(f"{message.removeprefix('error: ')} ({err})") from None
-    finally:
-        watchdog.cancel()
-
-
-def _give_up(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-    os._exit(1)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    try:
-        return None if value is None else int(value)
-    except ValueError:
-        raise UserError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     code = _main(args)
@@ -687,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        init_distributed(args)
+        if distributed.requested(args.coordinator, args.num_processes, args.process_id):
+            distributed.init(args.coordinator, args.num_processes, args.process_id, args.timeout)
         run_sweep(args) if args.sweep else run(args)
-    except (UserError, data.DataError, ValueError, OSError) as err:
+    except (UserError, distributed.JoinError, data.DataError, ValueError, OSError) as err:
         if args.debug:
             traceback.print_exc()
         message = str(err) if not isinstance(err, OSError) else _os_message(err)
