@@ -37,6 +37,7 @@ def test_each_model_equals_its_own_fit(problem):
         lmbda=lmbdas,
         dropout=dropouts,
         validation=(X, y),
+        shared_shuffle=False,
     )
     assert jax.tree.leaves(stacked)[0].shape[0] == 2
     for k in range(2):
