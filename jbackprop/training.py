@@ -310,14 +310,15 @@ def fit(
     run = _epoch_fn(model, optimizer, batch_size, mesh, gradient, impl, progress)
     # With a mesh, data and state are replicated on every device (of every process); each
     # step's minibatch is then sharded over the batch axis inside the compiled epoch.
-    tr, val = _replicate_data(tr, mesh), _replicate_data(val, mesh)
+    tr_eval, val = _place_data(tr, mesh, shard=True), _place_data(val, mesh, shard=True)
+    tr = _place_data(tr, mesh, shard=False)
     params, opt_state = _replicate((state.params, state.opt_state), mesh)
     history, best, best_epoch = list(state.history), state.best_params, state.best_epoch
     for epoch in range(state.epoch + 1, epochs + 1):
         start = time.perf_counter()
         epoch_key = _replicate(_key_data(_epoch_key(key, epoch)), mesh)
         params, opt_state = run(params, opt_state, tr.X, tr.Y, epoch_key, n)
-        rec = _record(epoch, tr, val, params, model, n, start)
+        rec = _record(epoch, tr_eval, val, params, model, n, start)
         history.append(rec)
         if val is None or best is None or rec["val_accuracy"] > _best_accuracy(history, best_epoch):
             best, best_epoch = _local(params), epoch
@@ -342,23 +343,29 @@ def _key_data(key: Array) -> Array:
     return jax.random.key_data(key) if _typed_key(key) else key
 
 
+def _on_mesh(x, mesh: Mesh, spec: PartitionSpec):
+    """A global array laid out by ``spec`` on ``mesh``, built from this process's full copy
+    (every process holds the same values; each fills the shards on its own devices)."""
+    host = np.asarray(_local(x))
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), host.__getitem__)
+
+
 def _replicate(tree, mesh: Mesh | None):
     """Place ``tree`` on every device of ``mesh``, across processes if it spans several."""
     if mesh is None or tree is None:
         return tree
-    sharding = NamedSharding(mesh, PartitionSpec())
-    if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
-        return jax.device_put(tree, sharding)
-    # Every process holds the same values; each contributes its copy of the global array.
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(_local(x))), tree
-    )
+    return jax.tree.map(lambda x: _on_mesh(x, mesh, PartitionSpec()), tree)
 
 
-def _replicate_data(data: _Data | None, mesh: Mesh | None) -> _Data | None:
+def _place_data(data: _Data | None, mesh: Mesh | None, shard: bool) -> _Data | None:
+    """Training data replicated (each step gathers its rows from a global shuffle);
+    evaluation data split over the batch axis when it divides evenly, so every device
+    evaluates only its part."""
     if data is None or mesh is None:
         return data
-    return _Data(*_replicate((data.X, data.Y, data.labels), mesh), data.n)
+    spec = PartitionSpec("batch") if shard and data.n % mesh.size == 0 else PartitionSpec()
+    arrays = (data.X, data.Y, data.labels)
+    return _Data(*(_on_mesh(x, mesh, spec) for x in arrays), data.n)
 
 
 def _local(tree):

@@ -25,6 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_env(n: int) -> dict[str, str]:
+    """CPU workers; when they outnumber the cores, one compute thread each (XLA's default
+    of one thread per core would oversubscribe the machine n times)."""
+    env = os.environ | {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    if n >= (os.cpu_count() or 1) and "XLA_FLAGS" not in env:
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+    return env
+
+
 def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
     for p in procs:
         if p.poll() is None:
@@ -54,7 +63,7 @@ def main() -> int:
                 *("--coordinator", address, "--num-processes", str(args.n)),
                 *("--process-id", str(i)),
             ],
-            env=os.environ | {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")},
+            env=worker_env(args.n),
         )
         for i in range(args.n)
     ]
