@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import itertools
 import json
 import os
@@ -605,8 +606,9 @@ class Bench:
             _epoch_fn = None
         how = (
             "jbackprop: the cached jitted epoch jbackprop.training._epoch_fn(model, optimizer, "
-            "batch_size, None), called exactly as jb.fit calls it: (params, opt_state, X, Y, "
-            "fold_in(key, epoch), n); its result is checked bit-identical to jb.fit's"
+            "batch_size, mesh=None, ...), built and called as jb.fit builds and calls it: "
+            "(params, opt_state, X, Y, key data of fold_in(key, epoch), n); its result is "
+            "checked bit-identical to jb.fit's"
             if _epoch_fn
             else "jbackprop: jb.fit history 'seconds' (includes fit's per-epoch evaluation "
             "of the training set), not interleaved"
@@ -626,7 +628,9 @@ class Bench:
         for bs in BATCH_SIZES:
             runners: dict[str, Callable] = {}
             if _epoch_fn is not None:
-                runners[JB] = self.jax_runner(_epoch_fn(self.model, self.opt, bs, None))
+                runners[JB] = self.jax_runner(
+                    fit_epoch(_epoch_fn, self.model, self.opt, bs, self.key)
+                )
             runners[AD] = self.jax_runner(self.ad_epoch(bs))
             for th in self.args.torch_threads if has_torch else ():
                 runners[torch_label(th)] = TorchRunner(
@@ -773,7 +777,9 @@ class Bench:
             "all three": {"bias_sum": True, "prime_from_a": True, "scale_delta": True},
         }
         for bs in BATCH_SIZES:
-            runners = {JB: self.jax_runner(_epoch_fn(self.model, self.opt, bs, None))}
+            runners = {
+                JB: self.jax_runner(fit_epoch(_epoch_fn, self.model, self.opt, bs, self.key))
+            }
             for name, kw in variants.items():
                 step = grad_step(hand_grad(**kw), self.opt)
                 runners[name] = self.jax_runner(make_epoch(step, bs))
@@ -1108,6 +1114,10 @@ class Bench:
             return
         runners = {"jb.fit, 1 model": one, "jb.fit_many, 1 model": lambda: call_k(1)}
         runners["jb.fit_many, 8 models"] = lambda: call_k(8)
+        if "shared_shuffle" in inspect.signature(jb.fit_many).parameters:
+            runners["jb.fit_many, 8 models, shared_shuffle=False"] = lambda: call_k(
+                8, shared_shuffle=False
+            )
         for f in runners.values():
             clock(f)  # compile
         times: dict[str, list[float]] = {name: [] for name in runners}
@@ -1128,7 +1138,7 @@ class Bench:
                     "samples": ts,
                 }
             )
-            print(f"  {name:<28} {t:8.2f} s for {epochs} epochs (median)", flush=True)
+            print(f"  {name:<44} {t:8.2f} s for {epochs} epochs (median)", flush=True)
         t = {name: median(ts) for name, ts in times.items()}
         self.check(
             "fit_many with 8 models < 4x the wall time of one model (jb.fit)",
@@ -1214,6 +1224,31 @@ class Bench:
         return meta
 
 
+def fit_epoch(epoch_fn: Callable, model, optimizer, batch_size: int, key) -> Callable:
+    """jb.fit's compiled epoch, built with the arguments jb.fit passes (no mesh, no custom
+    gradient, no progress callback) and called with ``(params, opt_state, X, Y, key, n)``.
+
+    Recent versions take the epoch key as raw key data plus its PRNG ``impl``, as fit
+    does; older ones take the typed key itself."""
+    names = list(inspect.signature(epoch_fn).parameters)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    extra = {"mesh": None, "gradient": None, "progress": None}
+    extra["impl"] = jax.random.key_impl(key) if typed else None
+    args = [model, optimizer, batch_size]
+    for name in names[3:]:
+        if name not in extra:
+            break
+        args.append(extra[name])
+    run = epoch_fn(*args)
+    if "impl" not in names or not typed:
+        return run
+
+    def epoch(params, opt_state, X, Y, k, n):
+        return run(params, opt_state, X, Y, jax.random.key_data(k), n)
+
+    return epoch
+
+
 def hand_grad(bias_sum=False, prime_from_a=False, scale_delta=False):
     """The hand-written minibatch gradient of the 784-100-10 network (eqs 3, 6-10, 13),
     with the formulation switches the ablation measures."""
@@ -1245,10 +1280,10 @@ def hand_grad(bias_sum=False, prime_from_a=False, scale_delta=False):
 def fit_many_caller(bench: Bench, bs: int, epochs: int) -> Callable[[int], Any]:
     """``call(k)`` trains ``k`` models of the chapter-3 setting with ``jb.fit_many``."""
 
-    def call(k: int):
+    def call(k: int, **kw):
         keys = jax.random.split(jax.random.key(1), k)
         return jb.fit_many(
-            keys, bench.model, (bench.X, bench.Y), epochs, bs, eta=ETA, lmbda=LMBDA, n=bench.n
+            keys, bench.model, (bench.X, bench.Y), epochs, bs, eta=ETA, lmbda=LMBDA, n=bench.n, **kw
         )
 
     jax.block_until_ready(call(1))  # fails here if the signature is not the expected one
