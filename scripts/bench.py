@@ -65,7 +65,7 @@ ETA = 0.5
 LMBDA = 5.0
 N_TRAIN = 50_000
 BATCH_SIZES = (10, 128, 1000)
-SECTIONS = ("train", "ablate", "pex", "dp", "stats", "many", "full")
+SECTIONS = ("train", "ablate", "pex", "dp", "stats", "ggn", "many", "multiproc", "full")
 DP_CLIP, DP_NOISE = 1.0, 1.1
 
 # Targets measured on this 2-core machine (examples/s at minibatch 10/128/1000); the
@@ -1146,6 +1146,98 @@ class Bench:
             "<",
             4.0,
         )
+
+    # -- the GGN diagonal against BackPACK, on a softmax network --
+
+    def section_ggn(self):
+        """jb.diag_ggn against BackPACK's DiagGGNExact with CrossEntropyLoss (softmax and
+        log-likelihood: the pairing BackPACK supports for several outputs), 784-100-10."""
+        print("\n== ggn: jb.diag_ggn against BackPACK DiagGGNExact (softmax) ==", flush=True)
+        if importlib.util.find_spec("backpack") is None or not hasattr(jb, "diag_ggn"):
+            self.note("ggn section skipped: needs jb.diag_ggn and backpack-for-pytorch")
+            return
+        import torch
+        from backpack import backpack, extend
+        from backpack.extensions import DiagGGNExact
+        from torch import nn
+
+        model = jb.Model(SIZES, hidden="sigmoid", output="softmax", cost="log_likelihood")
+        p = jb.init_params(jax.random.key(0), model)
+        layers = []
+        for i, layer in enumerate(p):
+            lin = nn.Linear(layer["w"].shape[1], layer["w"].shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.array(layer["w"])))
+                lin.bias.copy_(torch.from_numpy(np.array(layer["b"])))
+            layers += [lin] + ([nn.Sigmoid()] if i < len(p) - 1 else [])
+        net = extend(nn.Sequential(*layers))
+        linears = [m for m in net if isinstance(m, nn.Linear)]
+        loss_fn = extend(nn.CrossEntropyLoss(reduction="mean"))
+        torch.set_num_threads(self.args.backpack_threads)
+        ggn = jax.jit(lambda p, X, y: jb.diag_ggn(p, X, y, model))
+        labels = jnp.argmax(self.Y, axis=1)
+        rng = np.random.default_rng(1)
+
+        def backpack_ggn(xt, yt):
+            net.zero_grad(set_to_none=True)
+            with backpack(DiagGGNExact()):
+                loss_fn(net(xt), yt).backward()
+            return tuple(
+                {"w": m.weight.diag_ggn_exact.numpy(), "b": m.bias.diag_ggn_exact.numpy()}
+                for m in linears
+            )
+
+        for bs in BATCH_SIZES:
+            batches = []
+            for _ in range(6):
+                ids = np.asarray(rng.choice(N_TRAIN, bs, replace=False))
+                X, y = self.X[ids], labels[ids]
+                tensors = (torch.from_numpy(np.array(X)), torch.from_numpy(np.array(y)).long())
+                batches.append((jax.block_until_ready((X, y)), tensors))
+            (X, y), (xt, yt) = batches[0]
+            err = max_rel_err(ggn(p, X, y), jax.tree.map(jnp.asarray, backpack_ggn(xt, yt)))
+            self.info.setdefault("ggn_vs_backpack_max_rel_err", {})[str(bs)] = err
+            t_jb = median([clock(ggn, p, *b[0])[1] for b in batches * 3])
+            t_bp = median([clock(backpack_ggn, *b[1])[1] for b in batches * 3])
+            for name, t in (("jb.diag_ggn", t_jb), ("BackPACK DiagGGNExact", t_bp)):
+                self.add(
+                    {
+                        "section": "ggn",
+                        "approach": name,
+                        "minibatch": bs,
+                        "us_per_call": 1e6 * t,
+                        "ratio_to_backpack": t / t_bp,
+                    }
+                )
+            print(
+                f"  m={bs:<5} jb.diag_ggn {1e6 * t_jb:9.0f} us  BackPACK {1e6 * t_bp:9.0f} us "
+                f"({t_bp / t_jb:.1f}x)  agreement max rel err {err:.1e}",
+                flush=True,
+            )
+            self.check(f"diag_ggn faster than BackPACK at minibatch {bs}", t_bp / t_jb, ">=", 1.0)
+
+    # -- several local processes --
+
+    def section_multiproc(self):
+        print("\n== multiproc: jb.fit over 1, 2 and 4 local processes, minibatch 1000 ==")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_multiprocess import run as run_processes
+
+        data_dir = self.args.data_dir or os.environ.get("JBACKPROP_DATA", "")
+        if data_dir and (Path(data_dir) / "mnist").is_dir():
+            data_dir = str(Path(data_dir) / "mnist")
+        base = None
+        for processes in (1, 2, 4):
+            r = run_processes(processes, 1000, max(3, self.args.epochs), data_dir)
+            base = base or r["examples_per_second"]
+            r |= {"section": "multiproc", "approach": f"jb.fit, {processes} processes"}
+            r["speedup"] = r["examples_per_second"] / base
+            self.add(r)
+            print(
+                f"  {processes} processes: {r['examples_per_second']:10.0f} examples/s, "
+                f"{1000 * r['median_seconds']:.0f} ms/epoch, {r['speedup']:.2f}x",
+                flush=True,
+            )
 
     # -- the whole chapter-3 run --
 
