@@ -34,6 +34,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from jbackprop.io import fsync_dir
+
 __all__ = [
     "CHECKSUMS",
     "DATASETS",
@@ -430,20 +432,6 @@ def _fetch_file(url: str, final: Path, spec: FileSpec, progress: bool) -> None:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames durable; best effort (not every platform allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def download(
     dataset: str,
     target_dir: str | os.PathLike[str],
@@ -481,7 +469,7 @@ def download(
                     print(f"jbackprop: {exc}; trying the next mirror", file=sys.stderr)
         else:
             raise DataError(f"could not download {name}: " + "; ".join(failures))
-    _fsync_dir(target)
+    fsync_dir(target)
     return target
 
 
