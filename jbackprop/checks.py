@@ -76,7 +76,10 @@ def targets(y: Any, model: Model, params: Params, batch: tuple[int, ...], name: 
     n_out = model.sizes[-1]
     if jnp.issubdtype(y.dtype, jnp.integer) and y.shape == batch:
         if is_concrete(y) and y.size:
-            lo, hi = int(jnp.min(y)), int(jnp.max(y))
+            # NumPy, not jnp: under a user's jax.jit a jnp reduction of a concrete
+            # (closed-over) array would be staged out and could not be read here.
+            labels = np.asarray(y)
+            lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= n_out:
                 raise ValueError(
                     f"{name} holds class labels in [{lo}, {hi}], but the model has {n_out} "

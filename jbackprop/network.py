@@ -12,6 +12,7 @@ cost nothing extra inside a user's own ``jax.jit``.
 
 from __future__ import annotations
 
+import operator
 from functools import partial
 from typing import Any
 
@@ -240,9 +241,11 @@ def per_example_grads(
     ``g.sum(0)``: XLA's CPU reductions over a leading axis are far slower than the product.
     """
     given, (params, X, Y) = params, _batch(params, X, Y, model, None, key, regularised=False)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    chunk = None if chunk_size is None else int(chunk_size)
+    chunk = None if chunk_size is None else operator.index(chunk_size)
     return like(given, _per_example_grads(params, X, Y, model, key, chunk))
 
 

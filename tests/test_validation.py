@@ -237,7 +237,7 @@ def test_forward_rejects(no_kernels):
 
 
 def test_per_example_grads_rejects_bad_chunk_size(no_kernels):
-    for bad in (0, -2, True):
+    for bad in (0, -2, True, 2.5, "4"):
         with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
             jb.per_example_grads(PARAMS, X, LABELS, MODEL, chunk_size=bad)
 
@@ -253,6 +253,16 @@ def test_errors_are_raised_while_tracing_under_jit(no_kernels):
         jitted(params_for((3, 5, 2)), X, LABELS, MODEL)
     with pytest.raises(ValueError, match="key is required"):
         jax.jit(jb.cost, static_argnames="model")(PARAMS, X, LABELS, Model((3, 4, 2), dropout=0.2))
+
+
+def test_concrete_labels_closed_over_under_jit():
+    """Labels captured by a user's jax.jit are concrete: range-checked, not staged out."""
+    labels = jax.numpy.asarray(LABELS)
+    g = jax.jit(lambda p: jb.grad(p, X, labels, MODEL))(PARAMS)
+    np.testing.assert_allclose(g[0]["w"], jb.grad(PARAMS, X, labels, MODEL)[0]["w"])
+    bad = labels + 1
+    with pytest.raises(ValueError, match=r"class labels in \[1, 2\]"):
+        jax.jit(lambda p: jb.grad(p, X, bad, MODEL))(PARAMS)
 
 
 def test_init_params_rejects(no_kernels):
