@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax import Array
 
+from jbackprop import checks
 from jbackprop.model import Model, Params
 from jbackprop.network import backward, feedforward, init_params, mean_grads
 from jbackprop.regularizers import l1_grad, l1_penalty
@@ -182,6 +183,7 @@ def fit_many(
     val = None if validation is None else _prepare(first, static, validation, "validation")
     _check_fit_args(tr, epochs, batch_size, None, None)
     n = tr.n if n is None else n
+    checks.check_n(n, model)
     dtype = tr.X.dtype
     hyper = {name: jnp.asarray(v, dtype) for name, v in hyper.items()}
     init, epoch_fn, evaluate = _compiled(static, optimizer, batch_size, bool(shared_shuffle))

@@ -77,6 +77,7 @@ def test_models_differ_by_seed_and_share_one_value(problem):
         ({"eta": 0.0}, "eta values must be > 0"),
         ({"eta": 0.1, "dropout": [0.1, 1.0]}, "dropout values must be >= 0.0 and < 1.0"),
         ({"eta": 0.1, "lmbda": -1.0}, "lmbda values must be >= 0.0"),
+        ({"eta": 0.1, "n": 0}, "n must be a positive training-set size, got 0"),
     ],
 )
 def test_bad_hyperparameters_are_refused(problem, kwargs, message):
