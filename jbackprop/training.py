@@ -314,6 +314,8 @@ def fit(
     tr = _place_data(tr, mesh, shard=False)
     params, opt_state = _replicate((state.params, state.opt_state), mesh)
     history, best, best_epoch = list(state.history), state.best_params, state.best_epoch
+    if patience is not None and best is not None and state.epoch - best_epoch >= patience:
+        epochs = state.epoch  # the resumed run had already stopped early
     for epoch in range(state.epoch + 1, epochs + 1):
         start = time.perf_counter()
         epoch_key = _replicate(_key_data(_epoch_key(key, epoch)), mesh)

@@ -250,6 +250,22 @@ def test_early_stopping_returns_the_best_epoch():
     assert tree_max_diff(best, states[-1].params) > 0  # not simply the last epoch
     assert jb.accuracy(best, Xv, yv, MODEL) == pytest.approx(max(accs))
 
+    # Resuming a run that stopped early (same patience) trains no further epoch.
+    again, history2 = jb.fit(
+        params,
+        MODEL,
+        (X, y),
+        SGD,
+        epochs,
+        10,
+        jax.random.key(10),
+        (Xv, yv),
+        patience=patience,
+        resume=states[-1],
+    )
+    assert without_seconds(history2) == without_seconds(history)
+    assert_trees_equal(again, best)
+
 
 # --- failures ---------------------------------------------------------------------------
 
