@@ -87,6 +87,7 @@ def evaluate(params: Params, X: Array, Y: Array, model: Model, n: int | None = N
     """``(cost, accuracy)`` on a data set, without dropout; the cost includes the
     regulariser term with training-set size ``n`` (as minimised by :func:`fit`)."""
     data = _prepare(params, model, (X, Y), "data")
+    checks.check_n(n, model)
     c, acc, _ = _evaluate(tuple(params), data.X, data.Y, data.labels, model, n)
     return float(c), float(acc)
 

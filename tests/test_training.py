@@ -315,6 +315,16 @@ def _bad_args(n=20):
     ]
 
 
+def test_evaluate_needs_n_with_regularisation():
+    X, y = blobs(10, seed=13)
+    model = jb.Model(sizes=(2, 8, 2), l2=0.1)
+    params = jb.init_params(jax.random.key(0), model)
+    with pytest.raises(ValueError, match=r"n .* is required"):
+        jb.evaluate(params, X, y, model)
+    c, _ = jb.evaluate(params, X, y, model, n=10)
+    assert np.isfinite(c)
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [pytest.param(c, m, id=i) for i, c, m in _bad_args()],
