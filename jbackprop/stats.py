@@ -334,6 +334,8 @@ def noise_scale(
     ``chunk_size`` at a time with :func:`grad_stats`, so memory stays small. Dropout is off.
     """
     checks.check_n(n, model)
+    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     plain = dataclasses.replace(model, l2=0.0, l1=0.0, dropout=0.0)
     total = int(np.shape(X)[0])
     if total < 2:

@@ -205,18 +205,20 @@ def _resolve_mesh(devices) -> Mesh | None:
 
 
 def _check_fit_args(data: _Data, epochs, batch_size, patience, mesh) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+    if isinstance(epochs, bool) or not hasattr(epochs, "__index__") or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     if (
         isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
+        or not hasattr(batch_size, "__index__")
         or not 1 <= batch_size <= data.n
     ):
         raise ValueError(
             f"batch_size must be an integer between 1 and the training-set size {data.n}, "
             f"got {batch_size!r}"
         )
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
+    if patience is not None and (
+        isinstance(patience, bool) or not hasattr(patience, "__index__") or patience < 1
+    ):
         raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
     if mesh is not None and batch_size % mesh.size:
         raise ValueError(
@@ -299,6 +301,7 @@ def fit(
     val = None if validation is None else _prepare(params, model, validation, "validation")
     mesh = _resolve_mesh(devices)
     _check_fit_args(tr, epochs, batch_size, patience, mesh)
+    epochs, batch_size = int(epochs), int(batch_size)
     if patience is not None and val is None:
         raise ValueError("patience needs a validation set to watch")
     n = tr.n if n is None else n

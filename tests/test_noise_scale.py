@@ -35,3 +35,10 @@ def test_noise_scale_needs_two_examples_and_n():
         jb.noise_scale(params, np.ones((1, 2)), np.array([0]), model, n=5)
     with pytest.raises(ValueError, match=r"n \(the training-set size"):
         jb.noise_scale(params, np.ones((3, 2)), np.array([0, 1, 0]), model)
+
+
+def test_noise_scale_chunk_size_must_be_positive():
+    model = jb.Model((2, 2))
+    params = jb.init_params(jax.random.key(0), model)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        jb.noise_scale(params, np.ones((3, 2)), np.array([0, 1, 0]), model, chunk_size=0)
