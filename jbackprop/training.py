@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jbackprop import checks
 from jbackprop.model import Model, Params
-from jbackprop.network import _grad, feedforward
+from jbackprop.network import _grad, feedforward, like
 from jbackprop.regularizers import penalty
 
 __all__ = ["TrainState", "TrainingDiverged", "accuracy", "evaluate", "fit"]
@@ -296,6 +296,7 @@ def fit(
     and ``val_accuracy`` (with validation) and ``seconds``. Raises
     :class:`TrainingDiverged` when the cost or the parameters stop being finite.
     """
+    given = params
     _check_optimizer(optimizer)
     tr = _prepare(params, model, train, "train", allow_nonfinite)
     val = None if validation is None else _prepare(params, model, validation, "validation")
@@ -338,7 +339,7 @@ def fit(
         if patience is not None and epoch - best_epoch >= patience:
             break
     final = best if (patience is not None and best is not None) else _local(params)
-    return final, history
+    return like(given, final), history
 
 
 def _typed_key(key: Array) -> bool:
