@@ -106,6 +106,15 @@ def mean_grads(acts, deltas) -> Params:
     return tuple({"w": d.T @ a / m, "b": ones @ d} for a, d in zip(acts[:-1], deltas, strict=True))
 
 
+def squared_norms(acts, deltas) -> Array:
+    """``‖g_i‖² = Σ_l ‖δ^l_i‖² (‖a^{l-1}_i‖² + 1)`` for every row ``i``: the squared norm of
+    each example's gradient (eqs 9-10, ``‖δ aᵀ‖ = ‖δ‖ ‖a‖``) without forming it."""
+    return sum(
+        jnp.sum(d * d, axis=-1) * (jnp.sum(a * a, axis=-1) + 1.0)
+        for a, d in zip(acts[:-1], deltas, strict=True)
+    )
+
+
 def add_penalty_grads(grads: Params, params: Params, model: Model, n) -> Params:
     """Eq 13 (and its L1 analogue): add the regulariser's gradient to each ``∂C_0/∂w``."""
     out = []
@@ -117,6 +126,14 @@ def add_penalty_grads(grads: Params, params: Params, model: Model, n) -> Params:
 
 def batch_masks(key, model: Model, m: int, dtype):
     return dropout_masks(key, model, m, dtype) if key is not None else None
+
+
+def batch_deltas(params: Params, X: Array, Y: Array, model: Model, key):
+    """One forward and one backward pass of a minibatch with its dropout masks:
+    every ``a^{l-1}`` and ``δ^l`` that eqs 9-10 (and the statistics built on them) need."""
+    masks = batch_masks(key, model, X.shape[0], X.dtype)
+    zs, acts = feedforward(params, X, model, masks)
+    return acts, backward(params, zs, Y, model, masks)
 
 
 # --- jitted kernels (validated arguments only) ----------------------------------------
@@ -150,9 +167,7 @@ def _per_example_grads(params, X, Y, model, key, chunk_size):
 
 @partial(jax.jit, static_argnames="model")
 def _grad(params, X, Y, model, n, key):
-    masks = batch_masks(key, model, X.shape[0], X.dtype)
-    zs, acts = feedforward(params, X, model, masks)
-    grads = mean_grads(acts, backward(params, zs, Y, model, masks))
+    grads = mean_grads(*batch_deltas(params, X, Y, model, key))
     return add_penalty_grads(grads, params, model, n)
 
 

@@ -36,24 +36,15 @@ from jbackprop.model import Model, Params
 from jbackprop.network import (
     _batch,
     add_penalty_grads,
-    backward,
-    batch_masks,
-    feedforward,
+    batch_deltas,
     like,
+    squared_norms,
 )
 
 __all__ = ["DPGradient", "clipped_grad", "per_example_norms"]
 
 
 # --- the equations --------------------------------------------------------------------
-
-
-def squared_norms(acts, deltas) -> Array:
-    """``‖g_i‖² = Σ_l ‖δ^l_i‖² (‖a^{l-1}_i‖² + 1)`` for every row ``i`` of the minibatch."""
-    return sum(
-        jnp.sum(d * d, axis=-1) * (jnp.sum(a * a, axis=-1) + 1.0)
-        for a, d in zip(acts[:-1], deltas, strict=True)
-    )
 
 
 def clip_factors(sq_norms: Array, clip: Array) -> Array:
@@ -83,15 +74,9 @@ def add_noise(sums: Params, std: Array, noise_key: Array) -> Params:
 # --- jitted kernels (validated arguments only) ----------------------------------------
 
 
-def _deltas(params, X, Y, model, key):
-    masks = batch_masks(key, model, X.shape[0], X.dtype)
-    zs, acts = feedforward(params, X, model, masks)
-    return acts, backward(params, zs, Y, model, masks)
-
-
 @partial(jax.jit, static_argnames="model")
 def _per_example_norms(params, X, Y, model, key):
-    acts, deltas = _deltas(params, X, Y, model, key)
+    acts, deltas = batch_deltas(params, X, Y, model, key)
     return jnp.sqrt(squared_norms(acts, deltas))
 
 
@@ -99,7 +84,7 @@ def _per_example_norms(params, X, Y, model, key):
 def _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key):
     m = X.shape[0]
     clip = jnp.asarray(clip, X.dtype)
-    acts, deltas = _deltas(params, X, Y, model, key)
+    acts, deltas = batch_deltas(params, X, Y, model, key)
     c = clip_factors(squared_norms(acts, deltas), clip)
     sums = clipped_sums(acts, deltas, c)
     if noise_key is not None:

@@ -37,11 +37,12 @@ from jbackprop.model import Model, Params
 from jbackprop.network import (
     _batch,
     add_penalty_grads,
-    backward,
+    batch_deltas,
     batch_masks,
     feedforward,
     like,
     mean_grads,
+    squared_norms,
 )
 
 __all__ = ["GradStats", "NoiseScale", "diag_ggn", "grad_stats", "noise_scale"]
@@ -71,20 +72,15 @@ class GradStats(NamedTuple):
 @partial(jax.jit, static_argnames="model")
 def _grad_stats(params, X, Y, model, n, key):
     m = X.shape[0]
-    masks = batch_masks(key, model, m, X.dtype)
-    zs, acts = feedforward(params, X, model, masks)
-    deltas = backward(params, zs, Y, model, masks)
+    acts, deltas = batch_deltas(params, X, Y, model, key)
     mean = mean_grads(acts, deltas)  # eqs 9-10: mean_i g_i, unregularised
     grads = add_penalty_grads(mean, params, model, n)
-
-    sq_norms = jnp.zeros((m,), X.dtype)
-    sum_sq = []
-    for a, d in zip(acts[:-1], deltas, strict=True):
-        a2, d2 = a**2, d**2
-        # ‖δ_i a_iᵀ‖² + ‖δ_i‖² = ‖δ_i‖² (‖a_i‖² + 1)
-        sq_norms = sq_norms + jnp.sum(d2, axis=-1) * (jnp.sum(a2, axis=-1) + 1.0)
-        sum_sq.append({"w": d2.T @ a2, "b": jnp.sum(d2, axis=0)})
-    sum_sq = tuple(sum_sq)
+    sq_norms = squared_norms(acts, deltas)
+    # Σ_i (δ_i a_iᵀ)² is one product of the elementwise squares.
+    sum_sq = tuple(
+        {"w": (d**2).T @ (a**2), "b": jnp.sum(d**2, axis=0)}
+        for a, d in zip(acts[:-1], deltas, strict=True)
+    )
     # mean g² - (mean g)² can round to a tiny negative number; a variance is >= 0.
     variance = jax.tree.map(lambda s, g: jnp.maximum(s / m - g**2, 0.0), sum_sq, mean)
     return GradStats(grads, jnp.sqrt(sq_norms), sum_sq, variance)
