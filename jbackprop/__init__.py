@@ -8,7 +8,7 @@ The lecture's equations as pure functions over explicit parameter pytrees::
     g = jb.grad(params, X, Y, model, n=50_000)
 """
 
-from jbackprop import activations, costs, regularizers
+from jbackprop import activations, costs, interop, regularizers
 from jbackprop.io import load_params, save_params
 from jbackprop.model import Model, Params
 from jbackprop.network import (
@@ -48,6 +48,7 @@ __all__ = [
     "grad",
     "grad_stats",
     "init_params",
+    "interop",
     "load_params",
     "noise_scale",
     "per_example_grads",
