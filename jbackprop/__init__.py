@@ -8,7 +8,18 @@ The lecture's equations as pure functions over explicit parameter pytrees::
     g = jb.grad(params, X, Y, model, n=50_000)
 """
 
-from jbackprop import activations, costs, interop, regularizers
+from jbackprop import (
+    activations,
+    costs,
+    curvature,
+    data,
+    interop,
+    privacy,
+    regularizers,
+    stats,
+    training,
+)
+from jbackprop.curvature import diag_ggn
 from jbackprop.io import load_params, save_params
 from jbackprop.model import Model, Params
 from jbackprop.network import (
@@ -20,14 +31,15 @@ from jbackprop.network import (
     per_example_grads,
     value_and_grad,
 )
-from jbackprop.privacy import clipped_grad, per_example_norms
-from jbackprop.stats import GradStats, NoiseScale, diag_ggn, grad_stats, noise_scale
+from jbackprop.privacy import DPGradient, clipped_grad, per_example_norms
+from jbackprop.stats import GradStats, NoiseScale, grad_stats, noise_scale
 from jbackprop.sweep import fit_many
 from jbackprop.training import TrainingDiverged, TrainState, accuracy, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPGradient",
     "GradStats",
     "Model",
     "NoiseScale",
@@ -40,6 +52,8 @@ __all__ = [
     "clipped_grad",
     "cost",
     "costs",
+    "curvature",
+    "data",
     "diag_ggn",
     "evaluate",
     "fit",
@@ -53,7 +67,10 @@ __all__ = [
     "noise_scale",
     "per_example_grads",
     "per_example_norms",
+    "privacy",
     "regularizers",
     "save_params",
+    "stats",
+    "training",
     "value_and_grad",
 ]

@@ -1,14 +1,18 @@
-"""Argument checks run in Python before anything is traced.
+"""The library's internal helpers: argument checks run in Python before anything is traced,
+and the few small functions several modules share.
 
 Shapes are checked always (they are known even under ``jax.jit``); values (label range,
-finiteness, ``n > 0``) only when the array is concrete. Each failure is a ``ValueError``
-that names the argument, what it got and what was expected, instead of a shape error from
-deep inside XLA.
+finiteness, ``n > 0``, hyperparameters) only when they are concrete. Each failure is a
+``ValueError`` that names the argument, what it got and what was expected, instead of a
+shape error from deep inside XLA. This is the one module whose names other modules of the
+library may import freely; it is not part of the public API.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import operator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +21,19 @@ from jax import Array
 
 from jbackprop.model import Model, Params
 
-__all__ = ["check_key", "check_n", "check_params", "inputs", "targets"]
+__all__ = [
+    "Data",
+    "batch",
+    "check_key",
+    "check_n",
+    "check_params",
+    "inputs",
+    "like",
+    "positive_int",
+    "prepare",
+    "scalar",
+    "targets",
+]
 
 
 def is_concrete(x: Any) -> bool:
@@ -85,7 +101,13 @@ def targets(y: Any, model: Model, params: Params, batch: tuple[int, ...], name: 
                     f"{name} holds class labels in [{lo}, {hi}], but the model has {n_out} "
                     f"outputs, so labels must lie in [0, {n_out - 1}]"
                 )
-        return jax.nn.one_hot(y, n_out, dtype=_dtype(params))
+        one_hot = jax.nn.one_hot(y, n_out, dtype=_dtype(params))
+        if is_concrete(y):
+            return one_hot
+        # Traced labels cannot be range-checked here; one_hot would turn a bad label into
+        # a zero row and a plausible-looking zero gradient. NaN makes the mistake loud.
+        bad = (y < 0) | (y >= n_out)
+        return jnp.where(bad[..., None], jnp.nan, one_hot)
     if y.shape != (*batch, n_out):
         raise ValueError(
             f"{name} has shape {tuple(y.shape)}, expected target vectors {(*batch, n_out)} "
@@ -106,20 +128,110 @@ def _as_array(x: Any, name: str) -> Array:
 def check_n(n: Any, model: Model) -> None:
     """``n``, the training-set size of eqs 12-15, is needed whenever L1 or L2 is on."""
     if n is None:
-        if model.l1 or model.l2:
+        regularised = [v for v in (model.l2, model.l1) if not is_concrete(v) or float(v)]
+        if regularised:
             raise ValueError(
                 f"n (the training-set size of eqs 12-13) is required because the model has "
                 f"l2={model.l2}, l1={model.l1}"
             )
         return
-    if is_concrete(n) and not float(n) > 0:
-        raise ValueError(f"n must be a positive training-set size, got {n}")
+    if is_concrete(n):
+        try:
+            value = float(n)
+        except (TypeError, ValueError):
+            raise ValueError(f"n must be a positive training-set size, got {n!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"n must be a positive training-set size, got {n} (finite, > 0)")
 
 
 def check_key(key: Any, model: Model) -> None:
     """A model with dropout needs a PRNG key for its masks."""
-    if key is None and model.dropout and model.num_layers > 1:
+    if key is None and model.has_dropout:
         raise ValueError(
             f"key is required: the model has dropout={model.dropout}, and the key draws "
             "the dropout masks"
         )
+
+
+def positive_int(name: str, value: Any, *, allow_none: bool = False, low: int = 1) -> int | None:
+    """``value`` as an ``int >= low`` (NumPy integers welcome, ``bool`` refused)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+    return operator.index(value)
+
+
+def scalar(name: str, value: Any, *, positive: bool) -> Any:
+    """Check a scalar hyperparameter; traced values pass unchecked (as ``n`` does)."""
+    if not is_concrete(value):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    ok = v > 0 if positive else v >= 0
+    if not (ok and math.isfinite(v)):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return v
+
+
+def batch(params, X, Y, model: Model, n, key, regularised: bool = True):
+    """Check a minibatch call's arguments; return ``params`` (a tuple), ``X`` and ``Y``."""
+    check_model(model)
+    check_params(params, model)
+    X = inputs(X, model, params, batched=True, name="X")
+    Y = targets(Y, model, params, (X.shape[0],), name="Y")
+    if regularised:
+        check_n(n, model)
+    check_key(key, model)
+    return tuple(params), X, Y
+
+
+def check_model(model: Any, where: str = "") -> None:
+    """``model`` must be a :class:`~jbackprop.Model` (not, say, its sizes)."""
+    if not isinstance(model, Model):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}model must be a jbackprop.Model, got {type(model).__name__}")
+
+
+class Data(NamedTuple):
+    """A checked data set: inputs ``(n, n_0)``, targets ``(n, n_L)``, labels ``(n,)``."""
+
+    X: Array
+    Y: Array
+    labels: Array
+    n: int
+
+
+def prepare(params, model: Model, data: Any, name: str, allow_nonfinite: bool = True) -> Data:
+    """Check an ``(X, Y)`` pair against ``model``; integer labels become one-hot targets."""
+    try:
+        X, Y = data
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (X, Y), got {type(data).__name__}") from None
+    check_model(model)
+    check_params(params, model)
+    X = inputs(X, model, params, batched=True, name=f"{name} X")
+    Y = targets(Y, model, params, (X.shape[0],), name=f"{name} Y")
+    if not allow_nonfinite and not bool(jnp.all(jnp.isfinite(X))):
+        raise ValueError(
+            f"{name} X contains NaN or infinite values; clean the data or pass allow_nonfinite=True"
+        )
+    return Data(X, Y, jnp.argmax(Y, axis=-1), X.shape[0])
+
+
+def like(params: Any, tree: Any) -> Any:
+    """``tree`` with its per-layer tuples as lists when the caller's ``params`` is a list,
+    so gradients have exactly the structure of the parameters (as ``jax.grad`` gives)."""
+    if not isinstance(params, list) or not isinstance(tree, tuple):
+        return tree
+    if hasattr(tree, "_fields"):  # a NamedTuple of results
+        return type(tree)(*(like(params, t) for t in tree))
+    if tree and all(isinstance(t, dict) for t in tree):
+        return list(tree)
+    return tuple(like(params, t) for t in tree)

@@ -5,6 +5,12 @@ one example (or of each row of a batch) given the output pre-activations ``z = z
 target ``y`` and the output activation ``f``; ``delta(z, y, f)`` is ``δ^L = ∂C_x/∂z^L``
 (eq 5 at ``l = L``).
 
+Each cost also gives its output curvature for the generalised Gauss-Newton matrix:
+``curvature(z, y, f)`` returns columns ``u_c`` and weights ``h_c`` with
+``Σ_c h_c u_c u_cᵀ = J_fᵀ H J_f`` seen from ``z^L`` (``H`` the Hessian of the cost in the
+output where it is convex), and ``sample_delta(z, y, f, key)`` one random ``δ^L`` whose
+outer product has that expectation (for the Monte-Carlo estimate).
+
 Every value is computed from ``z^L``, never from ``a^L``: log-sigmoid and log-softmax
 replace ``ln a`` and ``ln(1 - a)``, so no ``ln 0`` occurs and saturated outputs give finite
 costs.
@@ -21,17 +27,32 @@ from jax import Array
 
 from jbackprop.activations import Activation
 
-__all__ = ["Cost", "cross_entropy", "get", "log_likelihood", "names", "quadratic"]
+__all__ = [
+    "Cost",
+    "cross_entropy",
+    "get",
+    "log_a_and_log_1ma",
+    "log_likelihood",
+    "names",
+    "quadratic",
+]
 
 
 @dataclass(frozen=True)
 class Cost:
-    """A per-example cost with its ``δ^L``; ``check(f)`` refuses meaningless pairings."""
+    """A per-example cost with its ``δ^L`` and output curvature; ``check(f)`` refuses
+    meaningless pairings."""
 
     name: str
     fn: Callable[[Array, Array, Activation], Array] = field(compare=False, repr=False)
     delta: Callable[[Array, Array, Activation], Array] = field(compare=False, repr=False)
     check: Callable[[Activation], None] = field(compare=False, repr=False)
+    curvature: Callable[[Array, Array, Activation], tuple[Array, Array]] = field(
+        compare=False, repr=False
+    )
+    sample_delta: Callable[[Array, Array, Activation, Array], tuple[Array, Array | None]] = (
+        field(compare=False, repr=False)
+    )
 
     def __repr__(self) -> str:
         return f"Cost({self.name!r})"
@@ -53,10 +74,22 @@ def _any_output(f: Activation) -> None:
     return None
 
 
+def _quadratic_curvature(z: Array, y: Array, f: Activation) -> tuple[Array, Array]:
+    """Split at ``a^L`` with ``H = I``: the columns are those of ``J_fᵀ``, weights 1."""
+    eye = jnp.eye(z.shape[-1], dtype=z.dtype)
+    cols = f.backward(z[..., None, :], eye)
+    return cols, jnp.ones(cols.shape[:-1], z.dtype)
+
+
+def _quadratic_sample(z: Array, y: Array, f: Activation, key: Array):
+    """``ŷ ~ N(a^L, I)``, the model's predictive distribution, then eq 6."""
+    return _quadratic_delta(z, f(z) + jax.random.normal(key, z.shape, z.dtype), f), None
+
+
 # --- cross-entropy: C_x = -Σ_i [y_i ln a_i + (1 - y_i) ln(1 - a_i)] -------------------
 
 
-def _log_a_and_log_1ma(z: Array, f: Activation) -> tuple[Array, Array]:
+def log_a_and_log_1ma(z: Array, f: Activation) -> tuple[Array, Array]:
     """``ln a`` and ``ln(1 - a)`` straight from ``z``, for sigmoid or softmax outputs."""
     if f.name == "sigmoid":
         return jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
@@ -68,7 +101,7 @@ def _log_a_and_log_1ma(z: Array, f: Activation) -> tuple[Array, Array]:
 
 
 def _cross_entropy_fn(z: Array, y: Array, f: Activation) -> Array:
-    log_a, log_1ma = _log_a_and_log_1ma(z, f)
+    log_a, log_1ma = log_a_and_log_1ma(z, f)
     return -jnp.sum(y * log_a + (1.0 - y) * log_1ma, axis=-1)
 
 
@@ -82,7 +115,7 @@ def _cross_entropy_delta(z: Array, y: Array, f: Activation) -> Array:
     """
     if f.name == "sigmoid":
         return jax.nn.sigmoid(z) - y
-    log_p, log_1mp = _log_a_and_log_1ma(z, f)
+    log_p, log_1mp = log_a_and_log_1ma(z, f)
     n = z.shape[-1]
     off_diagonal = ~jnp.eye(n, dtype=bool)
     # ratio[..., k, i] = p_k p_i / (1 - p_i) for i ≠ k, each ≤ p_i.
@@ -91,6 +124,33 @@ def _cross_entropy_delta(z: Array, y: Array, f: Activation) -> Array:
     p = jnp.exp(log_p)
     total_y = jnp.sum(y, axis=-1, keepdims=True)
     return p * (total_y + 1.0 - y) - y - jnp.sum(ratio * (1.0 - y)[..., None, :], axis=-1)
+
+
+def _cross_entropy_curvature(z: Array, y: Array, f: Activation) -> tuple[Array, Array]:
+    """Sigmoid: split at ``z^L``, ``H = diag(a(1 - a))``. Softmax: split at ``a^L`` (the
+    Hessian in ``z`` is not PSD), ``H_a = diag(y/p² + (1-y)/(1-p)²)``; column ``c`` of
+    ``J_fᵀ`` is ``p_c (1 - p_c) r_c`` with ``r_c = (e_c - p)/(1 - p_c)`` (entries in
+    ``[-1, 1]``), so ``h_c = y_c (1 - p_c)² + (1 - y_c) p_c²`` weighs ``r_c``."""
+    eye = jnp.eye(z.shape[-1], dtype=z.dtype)
+    if f.name == "sigmoid":
+        h = jax.nn.sigmoid(z) * jax.nn.sigmoid(-z)
+        return jnp.broadcast_to(eye, (*z.shape, z.shape[-1])), h
+    log_p, log_1mp = log_a_and_log_1ma(z, f)
+    off = -jnp.exp(log_p[..., None, :] - log_1mp[..., :, None])  # -p_j / (1 - p_c)
+    cols = jnp.where(eye.astype(bool), 1.0, off)
+    h = y * jnp.exp(2.0 * log_1mp) + (1.0 - y) * jnp.exp(2.0 * log_p)
+    return cols, h
+
+
+def _cross_entropy_sample(z: Array, y: Array, f: Activation, key: Array):
+    """Sigmoid: ``ŷ_j ~ Bernoulli(a_j)`` then eq 7. Softmax, whose ``H`` depends on the true
+    targets: ``Σ_c ε_c √h_c u_c`` with Rademacher ``ε`` (needs targets in ``[0, 1]``)."""
+    if f.name == "sigmoid":
+        y_s = jax.random.bernoulli(key, jax.nn.sigmoid(z)).astype(z.dtype)
+        return _cross_entropy_delta(z, y_s, f), None
+    cols, h = _cross_entropy_curvature(z, y, f)
+    eps = jax.random.rademacher(key, h.shape, dtype=z.dtype)
+    return jnp.einsum("...c,...cn->...n", eps * jnp.sqrt(jnp.maximum(h, 0.0)), cols), None
 
 
 def _outputs_in_unit_interval(f: Activation) -> None:
@@ -113,6 +173,19 @@ def _log_likelihood_delta(z: Array, y: Array, f: Activation) -> Array:
     return jax.nn.softmax(z, axis=-1) * jnp.sum(y, axis=-1, keepdims=True) - y
 
 
+def _log_likelihood_curvature(z: Array, y: Array, f: Activation) -> tuple[Array, Array]:
+    """Split at ``z^L``: ``H = (Σ y)(diag p - p pᵀ) = Σ_c (Σ y) p_c (e_c - p)(e_c - p)ᵀ``."""
+    p = jax.nn.softmax(z, axis=-1)
+    cols = jnp.eye(z.shape[-1], dtype=z.dtype) - p[..., None, :]
+    return cols, jnp.sum(y, axis=-1, keepdims=True) * p
+
+
+def _log_likelihood_sample(z: Array, y: Array, f: Activation, key: Array):
+    """``ŷ ~ Categorical(p)`` then eq 7, weighted by ``Σ y`` for targets not summing to 1."""
+    y_s = jax.nn.one_hot(jax.random.categorical(key, z, axis=-1), z.shape[-1], dtype=z.dtype)
+    return _log_likelihood_delta(z, y_s, f), jnp.sum(y, axis=-1, keepdims=True)
+
+
 def _softmax_output(f: Activation) -> None:
     if f.name != "softmax":
         raise ValueError(
@@ -120,11 +193,30 @@ def _softmax_output(f: Activation) -> None:
         )
 
 
-quadratic = Cost("quadratic", _quadratic_fn, _quadratic_delta, _any_output)
-cross_entropy = Cost(
-    "cross_entropy", _cross_entropy_fn, _cross_entropy_delta, _outputs_in_unit_interval
+quadratic = Cost(
+    "quadratic",
+    _quadratic_fn,
+    _quadratic_delta,
+    _any_output,
+    _quadratic_curvature,
+    _quadratic_sample,
 )
-log_likelihood = Cost("log_likelihood", _log_likelihood_fn, _log_likelihood_delta, _softmax_output)
+cross_entropy = Cost(
+    "cross_entropy",
+    _cross_entropy_fn,
+    _cross_entropy_delta,
+    _outputs_in_unit_interval,
+    _cross_entropy_curvature,
+    _cross_entropy_sample,
+)
+log_likelihood = Cost(
+    "log_likelihood",
+    _log_likelihood_fn,
+    _log_likelihood_delta,
+    _softmax_output,
+    _log_likelihood_curvature,
+    _log_likelihood_sample,
+)
 
 _BY_NAME = {c.name: c for c in (quadratic, cross_entropy, log_likelihood)}
 

@@ -1,9 +1,16 @@
-"""The network's configuration: a frozen, hashable :class:`Model`.
+"""The network's configuration: a frozen :class:`Model`, static architecture plus traced
+hyperparameters.
 
-A ``Model`` says what the network is (layer sizes, activations, cost, regularisers); the
-parameters are a separate pytree, a tuple with one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}``
-dict per layer, so every function of the library is pure and a ``Model`` can be a static
-argument to ``jax.jit``.
+A ``Model`` says what the network is (layer sizes, activations, cost, whether dropout is on)
+and how it is regularised (``l2``, ``l1``, the dropout rate). The parameters are a separate
+pytree, a tuple with one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, so every
+function of the library is pure.
+
+A ``Model`` is also a pytree whose leaves are ``l2``, ``l1`` and ``dropout``: passed to a
+jitted function they are traced values, so changing λ does not recompile, and a batch of
+models with stacked hyperparameters can be ``jax.vmap``-ed over. The architecture (the
+pytree's static part) decides the compiled program. It is hashable too, so it can still
+be a static argument of a user's own ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 from jax import Array
 
 from jbackprop import activations, costs
 from jbackprop.activations import Activation
 from jbackprop.costs import Cost
 
-__all__ = ["Model", "Params"]
+__all__ = ["Model", "Params", "architecture"]
 
 Params = tuple[dict[str, Array], ...]
 """One ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer ``l = 1..L``."""
@@ -52,7 +60,11 @@ class Model:
       dropout: probability of switching a hidden unit off during training.
 
     Activation and cost names are resolved to their objects when the model is built, so
-    ``model.hidden`` is an :class:`~jbackprop.activations.Activation`.
+    ``model.hidden`` is an :class:`~jbackprop.activations.Activation`. ``sizes``, the
+    activations, the cost and :attr:`has_dropout` are the static architecture; ``l2``,
+    ``l1`` and ``dropout`` are the pytree's leaves (see the module docstring). Stacking
+    models for ``jax.vmap`` needs equal architectures: give every model a dropout rate above
+    zero, or none.
     """
 
     sizes: tuple[int, ...]
@@ -85,6 +97,17 @@ class Model:
         set_(self, "l2", _nonnegative("l2", self.l2))
         set_(self, "l1", _nonnegative("l1", self.l1))
         set_(self, "dropout", _nonnegative("dropout", self.dropout, below_one=True))
+        set_(self, "_has_dropout", self.dropout > 0 and len(self.sizes) > 2)
+
+    @property
+    def has_dropout(self) -> bool:
+        """Whether hidden units are dropped in training: static, unlike the rate itself."""
+        return self._has_dropout
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """``(n_1, ..., n_{L-1})``, the hidden layers' widths (where dropout acts)."""
+        return self.sizes[1:-1]
 
     @property
     def num_layers(self) -> int:
@@ -115,6 +138,37 @@ class Model:
         if unknown:
             raise ValueError(f"Model: unknown configuration keys {sorted(unknown)}")
         return cls(**{**config, "sizes": tuple(config["sizes"])})
+
+
+def _flatten(model: Model):
+    static = (model.sizes, model.hidden, model.output, model.cost, model.has_dropout)
+    return (model.l2, model.l1, model.dropout), static
+
+
+def _unflatten(static, leaves) -> Model:
+    # No validation: the leaves may be tracers or stacked arrays inside jit and vmap.
+    model = object.__new__(Model)
+    names = ("sizes", "hidden", "output", "cost", "_has_dropout")
+    for name, value in zip(names, static, strict=True):
+        object.__setattr__(model, name, value)
+    for name, value in zip(("l2", "l1", "dropout"), leaves, strict=True):
+        object.__setattr__(model, name, value)
+    return model
+
+
+jax.tree_util.register_pytree_node(Model, _flatten, _unflatten)
+
+
+def architecture(model: Model, dropout: bool | None = None) -> Model:
+    """``model`` with the given static dropout switch, keeping its hyperparameter leaves.
+
+    Lets models whose rates differ, some of them zero, share one architecture (and one
+    compiled program) by switching dropout on for all of them: a rate of 0 then keeps
+    every unit.
+    """
+    leaves, (sizes, hidden, output, cost, has) = _flatten(model)
+    has = has if dropout is None else bool(dropout) and len(sizes) > 2
+    return _unflatten((sizes, hidden, output, cost, has), leaves)
 
 
 def _check_sizes(sizes: Any) -> tuple[int, ...]:

@@ -5,14 +5,15 @@ same lines serve one example (``x: (n_0,)``) and a minibatch (``x: (m, n_0)``): 
 is eq 3 applied to every row. The minibatch gradient never stores per-example gradients:
 the mean of the outer products ``δ_i a_iᵀ`` (eq 10) is one matrix product ``δᵀ a / m``.
 
-Public functions check their arguments in Python and then call jitted kernels with the
-:class:`~jbackprop.Model` as a static argument, so they are fast when called eagerly and
-cost nothing extra inside a user's own ``jax.jit``.
+Public functions check their arguments in Python and then call jitted kernels. The
+:class:`~jbackprop.Model` enters them as a pytree: its architecture picks the compiled
+program, while ``l2``, ``l1`` and the dropout rate are traced values, so changing them does
+not recompile. The kernels are fast when called eagerly and cost nothing extra inside a
+user's own ``jax.jit``.
 """
 
 from __future__ import annotations
 
-import operator
 from functools import partial
 from typing import Any
 
@@ -33,6 +34,9 @@ __all__ = [
     "per_example_grads",
     "value_and_grad",
 ]
+# Unchecked building blocks for the quantities built on one backward pass (privacy, stats,
+# curvature, attribution) and for training: feedforward, backward, batch_deltas,
+# mean_grads, squared_norms, add_penalty_grads, objective, minibatch_grad.
 
 SCHEMES = ("normal", "scaled")
 
@@ -49,10 +53,7 @@ def init_params(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"init_params: unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    if not isinstance(model, Model):
-        raise ValueError(
-            f"init_params: model must be a jbackprop.Model, got {type(model).__name__}"
-        )
+    checks.check_model(model, "init_params")
     params = []
     keys = jax.random.split(key, model.num_layers)
     for k, n_in, n_out in zip(keys, model.sizes[:-1], model.sizes[1:], strict=True):
@@ -83,15 +84,26 @@ def feedforward(params: Params, x: Array, model: Model, masks=None):
     return zs, acts
 
 
-def backward(params: Params, zs, y: Array, model: Model, masks=None) -> list[Array]:
-    """``δ^L`` by eq 6 or 7 (the cost's ``delta``), then ``δ^l`` backwards by eq 8."""
-    deltas = [model.cost.delta(zs[-1], y, model.output)]
+def backward(params: Params, zs, delta_L: Array, model: Model, masks=None) -> list[Array]:
+    """Eq 8 from a given ``δ^L``: ``δ^l = ((w^{l+1})ᵀ δ^{l+1}) ⊙ f'(z^l)``, back to ``l = 1``.
+
+    ``δ^L`` is usually the cost's (eqs 6-7, see :func:`output_delta`); other quantities
+    start from another one (a column of the output Hessian's root for the Gauss-Newton, a
+    unit vector for the neural tangent kernel). Arrays may carry extra axes before the unit
+    axis, as long as ``zs`` and ``masks`` broadcast against ``δ^L``.
+    """
+    deltas = [delta_L]
     for l in range(model.num_layers - 1, 0, -1):
         g = deltas[0] @ params[l]["w"]  # (w^{l+1})ᵀ δ^{l+1}, row by row
         if masks is not None:
             g = g * masks[l - 1]
         deltas.insert(0, model.hidden.backward(zs[l - 1], g))
     return deltas
+
+
+def output_delta(zs, y: Array, model: Model) -> Array:
+    """``δ^L`` by eq 6 or 7: the cost's ``delta`` at ``z^L``."""
+    return model.cost.delta(zs[-1], y, model.output)
 
 
 def example_grads(acts, deltas) -> Params:
@@ -115,17 +127,30 @@ def squared_norms(acts, deltas) -> Array:
     )
 
 
+def _size(n):
+    # n is needed only when l2 or l1 is on (checked before tracing); 1 keeps 0/n finite.
+    return 1.0 if n is None else n
+
+
 def add_penalty_grads(grads: Params, params: Params, model: Model, n) -> Params:
     """Eq 13 (and its L1 analogue): add the regulariser's gradient to each ``∂C_0/∂w``."""
-    out = []
-    for g, p in zip(grads, params, strict=True):
-        extra = penalty_grad(p["w"], model, n)
-        out.append(g if extra is None else {"w": g["w"] + extra, "b": g["b"]})
-    return tuple(out)
+    return tuple(
+        {"w": g["w"] + penalty_grad(p["w"], model.l2, model.l1, _size(n)), "b": g["b"]}
+        for g, p in zip(grads, params, strict=True)
+    )
 
 
-def batch_masks(key, model: Model, m: int, dtype):
-    return dropout_masks(key, model, m, dtype) if key is not None else None
+def objective(params: Params, z_L: Array, Y: Array, model: Model, n) -> Array:
+    """Eq 11: the mean cost ``C_0`` of a minibatch from its ``z^L``, plus the regulariser."""
+    c0 = jnp.mean(model.cost.fn(z_L, Y, model.output))
+    return c0 + penalty(params, model.l2, model.l1, _size(n))
+
+
+def batch_masks(key, model: Model, m: int | None, dtype):
+    """The dropout masks of ``m`` examples (one when ``m`` is None), or None without dropout."""
+    if key is None or not model.has_dropout:
+        return None
+    return dropout_masks(key, model.widths, model.dropout, m, dtype)
 
 
 def batch_deltas(params: Params, X: Array, Y: Array, model: Model, key):
@@ -133,25 +158,30 @@ def batch_deltas(params: Params, X: Array, Y: Array, model: Model, key):
     every ``a^{l-1}`` and ``δ^l`` that eqs 9-10 (and the statistics built on them) need."""
     masks = batch_masks(key, model, X.shape[0], X.dtype)
     zs, acts = feedforward(params, X, model, masks)
-    return acts, backward(params, zs, Y, model, masks)
+    return acts, backward(params, zs, output_delta(zs, Y, model), model, masks)
+
+
+def minibatch_grad(params: Params, X: Array, Y: Array, model: Model, n, key) -> Params:
+    """Eqs 9-13 for a checked minibatch: the mean gradient plus the regulariser's."""
+    return add_penalty_grads(mean_grads(*batch_deltas(params, X, Y, model, key)), params, model, n)
 
 
 # --- jitted kernels (validated arguments only) ----------------------------------------
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _forward(params, x, model):
     return feedforward(params, x, model)[1][-1]
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _backprop(params, x, y, model, key):
-    masks = dropout_masks(key, model, None, x.dtype) if key is not None else None
+    masks = batch_masks(key, model, None, x.dtype)
     zs, acts = feedforward(params, x, model, masks)
-    return example_grads(acts, backward(params, zs, y, model, masks))
+    return example_grads(acts, backward(params, zs, output_delta(zs, y, model), model, masks))
 
 
-@partial(jax.jit, static_argnames=("model", "chunk_size"))
+@partial(jax.jit, static_argnames="chunk_size")
 def _per_example_grads(params, X, Y, model, key, chunk_size):
     keys = jax.random.split(key, X.shape[0]) if key is not None else None
 
@@ -165,52 +195,24 @@ def _per_example_grads(params, X, Y, model, key, chunk_size):
     return jax.lax.map(one, (X, Y, keys), batch_size=chunk_size)
 
 
-@partial(jax.jit, static_argnames="model")
-def _grad(params, X, Y, model, n, key):
-    grads = mean_grads(*batch_deltas(params, X, Y, model, key))
-    return add_penalty_grads(grads, params, model, n)
+_grad = jax.jit(minibatch_grad)
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _cost(params, X, Y, model, n, key):
-    masks = batch_masks(key, model, X.shape[0], X.dtype)
-    zs, _ = feedforward(params, X, model, masks)
-    return jnp.mean(model.cost.fn(zs[-1], Y, model.output)) + penalty(params, model, n)
+    zs, _ = feedforward(params, X, model, batch_masks(key, model, X.shape[0], X.dtype))
+    return objective(params, zs[-1], Y, model, n)
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _value_and_grad(params, X, Y, model, n, key):
     masks = batch_masks(key, model, X.shape[0], X.dtype)
     zs, acts = feedforward(params, X, model, masks)
-    c = jnp.mean(model.cost.fn(zs[-1], Y, model.output)) + penalty(params, model, n)
-    grads = mean_grads(acts, backward(params, zs, Y, model, masks))
-    return c, add_penalty_grads(grads, params, model, n)
+    grads = mean_grads(acts, backward(params, zs, output_delta(zs, Y, model), model, masks))
+    return objective(params, zs[-1], Y, model, n), add_penalty_grads(grads, params, model, n)
 
 
 # --- public API -----------------------------------------------------------------------
-
-
-def like(params, tree):
-    """``tree`` with its per-layer tuples as lists when the caller's ``params`` is a list,
-    so gradients have exactly the structure of the parameters (as ``jax.grad`` gives)."""
-    if not isinstance(params, list) or not isinstance(tree, tuple):
-        return tree
-    if hasattr(tree, "_fields"):  # a NamedTuple of results
-        return type(tree)(*(like(params, t) for t in tree))
-    if tree and all(isinstance(t, dict) for t in tree):
-        return list(tree)
-    return tuple(like(params, t) for t in tree)
-
-
-def _batch(params, X, Y, model, n, key, regularised=True):
-    """Check a minibatch call's arguments; return ``params``, ``X`` and ``Y`` as arrays."""
-    checks.check_params(params, model)
-    X = checks.inputs(X, model, params, batched=True, name="X")
-    Y = checks.targets(Y, model, params, (X.shape[0],), name="Y")
-    if regularised:
-        checks.check_n(n, model)
-    checks.check_key(key, model)
-    return tuple(params), X, Y
 
 
 def forward(params: Params, x: Array, model: Model) -> Array:
@@ -218,6 +220,7 @@ def forward(params: Params, x: Array, model: Model) -> Array:
 
     This is inference: dropout is off (inverted dropout needs no rescaling here).
     """
+    checks.check_model(model)
     checks.check_params(params, model)
     x = checks.inputs(x, model, params, batched=None)
     return _forward(tuple(params), x, model)
@@ -230,11 +233,12 @@ def backprop(params: Params, x: Array, y: Array, model: Model, key: Array | None
     ``key`` draws this example's dropout masks; the forward pass and eq 8 use the same
     masks.
     """
+    checks.check_model(model)
     checks.check_params(params, model)
     x = checks.inputs(x, model, params, batched=False)
     y = checks.targets(y, model, params, (), name="y")
     checks.check_key(key, model)
-    return like(params, _backprop(tuple(params), x, y, model, key))
+    return checks.like(params, _backprop(tuple(params), x, y, model, key))
 
 
 def per_example_grads(
@@ -255,13 +259,9 @@ def per_example_grads(
     gradients over the examples, prefer ``jnp.ones(m) @ g.reshape(m, -1)`` to
     ``g.sum(0)``: XLA's CPU reductions over a leading axis are far slower than the product.
     """
-    given, (params, X, Y) = params, _batch(params, X, Y, model, None, key, regularised=False)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    chunk = None if chunk_size is None else operator.index(chunk_size)
-    return like(given, _per_example_grads(params, X, Y, model, key, chunk))
+    given, (params, X, Y) = params, checks.batch(params, X, Y, model, None, key, regularised=False)
+    chunk = checks.positive_int("chunk_size", chunk_size, allow_none=True)
+    return checks.like(given, _per_example_grads(params, X, Y, model, key, chunk))
 
 
 def grad(
@@ -272,8 +272,8 @@ def grad(
     Equals ``mean(per_example_grads(...)) + (l2/n) w + (l1/n) sign(w)`` (eqs 9-13), computed
     as matrix products. ``n`` is the training-set size, required when ``l1`` or ``l2`` is on.
     """
-    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
-    return like(given, _grad(params, X, Y, model, n, key))
+    given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
+    return checks.like(given, _grad(params, X, Y, model, n, key))
 
 
 def cost(
@@ -284,7 +284,7 @@ def cost(
     With the same ``key`` it applies the same dropout masks as :func:`grad`, so
     ``jax.grad(cost)`` and :func:`grad` agree.
     """
-    params, X, Y = _batch(params, X, Y, model, n, key)
+    params, X, Y = checks.batch(params, X, Y, model, n, key)
     return _cost(params, X, Y, model, n, key)
 
 
@@ -292,5 +292,5 @@ def value_and_grad(
     params: Params, X: Array, Y: Array, model: Model, n: int | None = None, key: Array | None = None
 ) -> tuple[Array, Params]:
     """:func:`cost` and :func:`grad` from one forward pass."""
-    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
-    return like(given, _value_and_grad(params, X, Y, model, n, key))
+    given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
+    return checks.like(given, _value_and_grad(params, X, Y, model, n, key))

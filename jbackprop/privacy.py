@@ -22,10 +22,7 @@ division by the minibatch size. Its noise is drawn the same way too, so for the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +30,7 @@ from jax import Array
 
 from jbackprop import checks
 from jbackprop.model import Model, Params
-from jbackprop.network import (
-    _batch,
-    add_penalty_grads,
-    batch_deltas,
-    like,
-    squared_norms,
-)
+from jbackprop.network import add_penalty_grads, batch_deltas, squared_norms
 
 __all__ = ["DPGradient", "clipped_grad", "per_example_norms"]
 
@@ -74,13 +65,13 @@ def add_noise(sums: Params, std: Array, noise_key: Array) -> Params:
 # --- jitted kernels (validated arguments only) ----------------------------------------
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _per_example_norms(params, X, Y, model, key):
     acts, deltas = batch_deltas(params, X, Y, model, key)
     return jnp.sqrt(squared_norms(acts, deltas))
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key):
     m = X.shape[0]
     clip = jnp.asarray(clip, X.dtype)
@@ -96,23 +87,6 @@ def _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key
 # --- public API -----------------------------------------------------------------------
 
 
-def _scalar(name: str, value: Any, *, positive: bool) -> Any:
-    """Check a scalar hyperparameter; traced values pass unchecked (as ``n`` does)."""
-    if not checks.is_concrete(value):
-        if jnp.ndim(value) != 0:
-            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-        return value
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    ok = v > 0 if positive else v >= 0
-    if not (ok and math.isfinite(v)):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    return v
-
-
 def per_example_norms(
     params: Params, X: Array, Y: Array, model: Model, key: Array | None = None
 ) -> Array:
@@ -122,7 +96,7 @@ def per_example_norms(
     same dropout masks for the same ``key``), computed from ``‖δ‖`` and ``‖a‖`` without
     forming any per-example gradient.
     """
-    params, X, Y = _batch(params, X, Y, model, None, key, regularised=False)
+    params, X, Y = checks.batch(params, X, Y, model, None, key, regularised=False)
     return _per_example_norms(params, X, Y, model, key)
 
 
@@ -162,9 +136,9 @@ def clipped_grad(
       noise_key: PRNG key for the noise; required unless ``noise_multiplier`` is ``0``.
         Use a fresh key every step.
     """
-    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
-    clip = _scalar("clip", clip, positive=True)
-    noise_multiplier = _scalar("noise_multiplier", noise_multiplier, positive=False)
+    given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
+    clip = checks.scalar("clip", clip, positive=True)
+    noise_multiplier = checks.scalar("noise_multiplier", noise_multiplier, positive=False)
     if checks.is_concrete(noise_multiplier) and noise_multiplier == 0:
         noise_key = None  # nothing to draw
     elif noise_key is None:
@@ -172,7 +146,7 @@ def clipped_grad(
             f"noise_key is required: noise_multiplier={noise_multiplier} adds Gaussian noise, "
             "and noise_key draws it"
         )
-    return like(
+    return checks.like(
         given, _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key)
     )
 
@@ -189,8 +163,8 @@ class DPGradient:
     noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
-        _scalar("clip", self.clip, positive=True)
-        _scalar("noise_multiplier", self.noise_multiplier, positive=False)
+        checks.scalar("clip", self.clip, positive=True)
+        checks.scalar("noise_multiplier", self.noise_multiplier, positive=False)
 
     def __call__(self, params, X, Y, model: Model, n, key) -> Params:
         drop_key, noise_key = jax.random.split(key)
@@ -200,7 +174,7 @@ class DPGradient:
             Y,
             model,
             n,
-            drop_key if model.dropout else None,
+            drop_key if model.has_dropout else None,
             self.clip,
             self.noise_multiplier,
             noise_key if self.noise_multiplier else None,

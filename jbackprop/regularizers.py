@@ -9,11 +9,11 @@ multiply the weights by ``p`` at test time is equivalent only with the keep prob
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import Array
-
-from jbackprop.model import Model, Params
 
 __all__ = [
     "dropout_masks",
@@ -24,6 +24,8 @@ __all__ = [
     "penalty",
     "penalty_grad",
 ]
+
+Params = Sequence[dict[str, Array]]
 
 
 def l2_penalty(params: Params, lmbda: float, n: float) -> Array:
@@ -46,48 +48,36 @@ def l1_grad(w: Array, lmbda: float, n: float) -> Array:
     return (lmbda / n) * jnp.sign(w)
 
 
-def penalty(params: Params, model: Model, n: float | None) -> Array:
-    """The model's whole regulariser term ``λ R(P)`` of eq 11 (L2 plus L1)."""
-    total = jnp.zeros((), params[0]["w"].dtype)
-    if model.l2:
-        total = total + l2_penalty(params, model.l2, n)
-    if model.l1:
-        total = total + l1_penalty(params, model.l1, n)
-    return total
+def penalty(params: Params, l2: Array | float, l1: Array | float, n: Array | float) -> Array:
+    """The whole regulariser term of eq 11: L2 (eq 12) plus L1, ``λ`` possibly traced."""
+    return l2_penalty(params, l2, n) + l1_penalty(params, l1, n)
 
 
-def penalty_grad(w: Array, model: Model, n: float | None) -> Array | None:
-    """Gradient of :func:`penalty` with respect to one weight matrix (``None`` if zero)."""
-    g = None
-    if model.l2:
-        g = l2_grad(w, model.l2, n)
-    if model.l1:
-        g1 = l1_grad(w, model.l1, n)
-        g = g1 if g is None else g + g1
-    return g
+def penalty_grad(w: Array, l2: Array | float, l1: Array | float, n: Array | float) -> Array:
+    """Gradient of :func:`penalty` with respect to one weight matrix (eq 13 plus L1)."""
+    return l2_grad(w, l2, n) + l1_grad(w, l1, n)
 
 
-def _example_masks(key: Array, model: Model, dtype) -> list[Array]:
-    keep = 1.0 - model.dropout
-    keys = jax.random.split(key, len(model.sizes) - 2)
-    return [
-        jax.random.bernoulli(k, keep, (size,)).astype(dtype) / keep
-        for k, size in zip(keys, model.sizes[1:-1], strict=True)
-    ]
+def dropout_masks(
+    key: Array, widths: Sequence[int], rate: Array | float, m: int | None, dtype=jnp.float32
+) -> list[Array]:
+    """One inverted-dropout mask per hidden layer, entries ``0`` or ``1/(1 - rate)``.
 
-
-def dropout_masks(key: Array | None, model: Model, m: int | None, dtype=jnp.float32):
-    """One inverted-dropout mask per hidden layer, entries ``0`` or ``1/(1-p)``.
-
-    ``m=None`` gives the masks of one example (each of shape ``(n_l,)``); otherwise every
-    example ``i`` of a minibatch gets the masks of key ``split(key, m)[i]``, shape
-    ``(m, n_l)``. That makes the masks of :func:`jbackprop.grad` and
-    :func:`jbackprop.per_example_grads` identical for the same key. Returns ``None`` when
-    the model has no dropout or no hidden layer.
+    ``widths`` are the hidden layers' sizes ``(n_1, ..., n_{L-1})``; ``rate`` may be traced
+    (a rate of 0 keeps every unit). ``m=None`` gives the masks of one example (each of
+    shape ``(n_l,)``); otherwise example ``i`` of a minibatch gets the masks of key
+    ``split(key, m)[i]``, shape ``(m, n_l)``, so the masks of :func:`jbackprop.grad` and
+    :func:`jbackprop.per_example_grads` are identical for the same key.
     """
-    if not model.dropout or len(model.sizes) < 3:
-        return None
+    keep = jnp.asarray(1.0 - rate, dtype)
+
+    def example(k: Array) -> list[Array]:
+        keys = jax.random.split(k, len(widths))
+        return [
+            jax.random.bernoulli(kk, keep, (size,)).astype(dtype) / keep
+            for kk, size in zip(keys, widths, strict=True)
+        ]
+
     if m is None:
-        return _example_masks(key, model, dtype)
-    keys = jax.random.split(key, m)
-    return jax.vmap(lambda k: _example_masks(k, model, dtype))(keys)
+        return example(key)
+    return jax.vmap(example)(jax.random.split(key, m))

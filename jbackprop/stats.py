@@ -11,19 +11,15 @@ gradients:
   elementwise squares, just as the mean gradient ``δᵀ a / m`` is one matrix product.
 
 :func:`grad_stats` uses them, so its memory is ``O(m Σ_l n_l)`` whatever the number of
-parameters. :func:`diag_ggn` uses the second identity on ``δ``'s of a different kind: it
-backpropagates (eq 8) the columns of a square root of the output Hessian instead of
-``δ^L``, as BackPACK's ``DiagGGNExact`` and ``DiagGGNMC`` do.
-
-Both check their arguments exactly as :func:`jbackprop.grad` does and draw the same dropout
-masks for the same ``key`` (example ``i`` uses ``jax.random.split(key, m)[i]``).
+parameters; :func:`noise_scale` builds on it. Both check their arguments exactly as
+:func:`jbackprop.grad` does and draw the same dropout masks for the same ``key`` (example
+``i`` uses ``jax.random.split(key, m)[i]``). The curvature counterpart,
+:func:`jbackprop.diag_ggn`, lives in :mod:`jbackprop.curvature`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -32,20 +28,10 @@ import numpy as np
 from jax import Array
 
 from jbackprop import checks
-from jbackprop.costs import _log_a_and_log_1ma
 from jbackprop.model import Model, Params
-from jbackprop.network import (
-    _batch,
-    add_penalty_grads,
-    batch_deltas,
-    batch_masks,
-    feedforward,
-    like,
-    mean_grads,
-    squared_norms,
-)
+from jbackprop.network import add_penalty_grads, batch_deltas, mean_grads, squared_norms
 
-__all__ = ["GradStats", "NoiseScale", "diag_ggn", "grad_stats", "noise_scale"]
+__all__ = ["GradStats", "NoiseScale", "grad_stats", "noise_scale"]
 
 
 class GradStats(NamedTuple):
@@ -69,7 +55,7 @@ class GradStats(NamedTuple):
 # --- gradient statistics --------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _grad_stats(params, X, Y, model, n, key):
     m = X.shape[0]
     acts, deltas = batch_deltas(params, X, Y, model, key)
@@ -116,180 +102,8 @@ def grad_stats(
     as :func:`jbackprop.grad` and :func:`jbackprop.per_example_grads`. Arguments are checked
     as :func:`jbackprop.grad` checks them.
     """
-    given, (params, X, Y) = params, _batch(params, X, Y, model, n, key)
-    return like(given, _grad_stats(params, X, Y, model, n, key))
-
-
-# --- diagonal of the generalised Gauss-Newton matrix ----------------------------------
-
-
-def _eq8(params, zs, delta_L, model, masks):
-    """Eq 8 from a given ``δ^L``; arrays may carry extra axes before the unit axis."""
-    deltas = [delta_L]
-    for l in range(model.num_layers - 1, 0, -1):
-        g = deltas[0] @ params[l]["w"]
-        if masks is not None:
-            g = g * masks[l - 1]
-        deltas.insert(0, model.hidden.backward(zs[l - 1], g))
-    return deltas
-
-
-def _diag_from_squares(acts, weighted_sq):
-    """``mean_i`` of the per-example diagonals from ``D^l = Σ_c h_ic (δ^l_ic)²``, ``(m, n_l)``.
-
-    ``diag_w = (D^l)ᵀ (a^{l-1})² / m`` and ``diag_b = Σ_i D^l_i / m``: the column axis has
-    already been summed, since ``a^{l-1}_i`` is the same for every column.
-    """
-    m = acts[0].shape[0]
-    return tuple(
-        {"w": d.T @ (a**2) / m, "b": jnp.sum(d, axis=0) / m}
-        for a, d in zip(acts[:-1], weighted_sq, strict=True)
-    )
-
-
-def _output_columns(z, y, model):
-    """Columns ``u_c`` (``(m, C, n_L)``) and weights ``h`` (``(m, C)``) with ``Σ_c h_c u_c u_cᵀ``
-    equal to the output curvature ``J_fᵀ H J_f`` seen from ``z^L`` (see :func:`diag_ggn`)."""
-    f, cost = model.output, model.cost.name
-    n_out = z.shape[-1]
-    eye = jnp.eye(n_out, dtype=z.dtype)
-    if cost == "quadratic":  # split at a^L, H = I: columns of J_fᵀ
-        cols = f.backward(z[..., None, :], eye)
-        return cols, jnp.ones(cols.shape[:-1], z.dtype)
-    if cost == "cross_entropy" and f.name == "sigmoid":  # split at z^L, H = diag(a(1-a))
-        h = jax.nn.sigmoid(z) * jax.nn.sigmoid(-z)
-        return jnp.broadcast_to(eye, (*z.shape, n_out)), h
-    if cost == "log_likelihood":  # split at z^L, H = (Σy)(diag p - p pᵀ)
-        p = jax.nn.softmax(z, axis=-1)
-        cols = eye - p[..., None, :]  # u_c = e_c - p
-        return cols, jnp.sum(y, axis=-1, keepdims=True) * p
-    # cross_entropy with softmax: split at a^L, H_a = diag(y/p² + (1-y)/(1-p)²).
-    # Column c of J_fᵀ is p_c (e_c - p) = p_c (1 - p_c) r_c with r_c = (e_c - p)/(1 - p_c),
-    # whose entries lie in [-1, 1]; then h_c p_c² (1-p_c)² = y_c (1-p_c)² + (1-y_c) p_c².
-    log_p, log_1mp = _log_a_and_log_1ma(z, f)
-    off = -jnp.exp(log_p[..., None, :] - log_1mp[..., :, None])  # -p_j / (1 - p_c)
-    cols = jnp.where(eye.astype(bool), 1.0, off)
-    h = y * jnp.exp(2.0 * log_1mp) + (1.0 - y) * jnp.exp(2.0 * log_p)
-    return cols, h
-
-
-@partial(jax.jit, static_argnames="model")
-def _diag_ggn_exact(params, X, Y, model, key):
-    masks = batch_masks(key, model, X.shape[0], X.dtype)
-    zs, acts = feedforward(params, X, model, masks)
-    cols, h = _output_columns(zs[-1], Y, model)
-    zs_c = [z[:, None, :] for z in zs]
-    masks_c = None if masks is None else [mk[:, None, :] for mk in masks]
-    deltas = _eq8(params, zs_c, cols, model, masks_c)
-    weighted = [jnp.sum(h[..., None] * d**2, axis=1) for d in deltas]
-    return _diag_from_squares(acts, weighted)
-
-
-def _sampled_delta(z, y, model, key):
-    """One ``δ^L`` per example whose outer product has expectation ``J_fᵀ H J_f`` (in ``z``)."""
-    f, cost = model.output, model.cost.name
-    if cost == "cross_entropy" and f.name == "softmax":
-        # Rademacher ε: E[εεᵀ] = I, so Σ_c ε_c √h_c (column c) has the right second moment.
-        cols, h = _output_columns(z, y, model)
-        eps = jax.random.rademacher(key, h.shape, dtype=z.dtype)
-        return jnp.einsum("...c,...cn->...n", eps * jnp.sqrt(jnp.maximum(h, 0.0)), cols), None
-    if cost == "quadratic":  # y ~ N(a, I)
-        y_s = f(z) + jax.random.normal(key, z.shape, z.dtype)
-    elif f.name == "sigmoid":  # cross-entropy: y_j ~ Bernoulli(a_j), unit by unit
-        y_s = jax.random.bernoulli(key, jax.nn.sigmoid(z)).astype(z.dtype)
-    else:  # log-likelihood: y ~ Categorical(p)
-        y_s = jax.nn.one_hot(jax.random.categorical(key, z, axis=-1), z.shape[-1], dtype=z.dtype)
-    weight = jnp.sum(y, axis=-1, keepdims=True) if cost == "log_likelihood" else None
-    return model.cost.delta(z, y_s, f), weight
-
-
-@partial(jax.jit, static_argnames="model")
-def _diag_ggn_mc(params, X, Y, model, key, mc_samples, mc_key):
-    masks = batch_masks(key, model, X.shape[0], X.dtype)
-    zs, acts = feedforward(params, X, model, masks)
-
-    def one_sample(s, total):
-        delta_L, weight = _sampled_delta(zs[-1], Y, model, jax.random.fold_in(mc_key, s))
-        deltas = _eq8(params, zs, delta_L, model, masks)
-        squares = [d**2 if weight is None else weight * d**2 for d in deltas]
-        return [t + sq for t, sq in zip(total, squares, strict=True)]
-
-    # The sample count is traced, not static: another count does not recompile.
-    total = jax.lax.fori_loop(0, mc_samples, one_sample, [jnp.zeros_like(z) for z in zs])
-    return _diag_from_squares(acts, [t / mc_samples for t in total])
-
-
-_GGN_COSTS = ("quadratic", "cross_entropy", "log_likelihood")
-
-
-def diag_ggn(
-    params: Params,
-    X: Array,
-    Y: Array,
-    model: Model,
-    key: Array | None = None,
-    mc_samples: int | None = None,
-    mc_key: Array | None = None,
-) -> Params:
-    """Diagonal of the generalised Gauss-Newton matrix of the minibatch cost, like ``params``.
-
-    ``G = mean_i J_iᵀ H_i J_i``, where the cost ``C_{x_i}`` is split as ``ℓ(o_i)`` with
-    ``o_i`` a network output in which ``ℓ`` is convex, ``J_i = ∂o_i/∂p`` and
-    ``H_i = ∇²ℓ(o_i)`` is positive semi-definite. The split used for each pairing:
-
-    * ``cross_entropy`` + sigmoid: ``o = z^L``, ``H = diag(a(1-a))`` (independent of ``y``);
-    * ``log_likelihood`` + softmax: ``o = z^L``, ``H = (Σ_j y_j)(diag(p) - p pᵀ)``
-      (``diag(p) - p pᵀ`` for one-hot or probability targets);
-    * ``quadratic`` with any output ``f``: ``o = a^L``, ``H = I``, so ``G = J_aᵀ J_a`` with
-      ``J_a = J_f J_z`` (the Gauss-Newton matrix proper for an identity output);
-    * ``cross_entropy`` + softmax: ``o = a^L``, ``H = diag(y/a² + (1-y)/(1-a)²)``, PSD for
-      targets in ``[0, 1]``. The Hessian in ``z^L`` is *not* PSD here (e.g. ``-ln(1 - p_1)``
-      is not convex in ``z`` for three or more classes), so this cost is split at ``a^L``.
-
-    Exact (``mc_samples=None``): write ``J_fᵀ H J_f = Σ_c h_c u_c u_cᵀ`` with ``n_L`` columns
-    ``u_c`` in ``z^L``-space (``J_f`` is the identity for the ``z^L`` splits), e.g.
-    ``u_c = e_c - p``, ``h_c = p_c`` for softmax with log-likelihood, since
-    ``S = diag(√p) - p √pᵀ`` has ``S Sᵀ = diag(p) - p pᵀ``. Each column is backpropagated as
-    a ``δ^L`` by eq 8 (all columns at once, as BackPACK's ``DiagGGNExact`` does), giving
-    ``δ^l_c``; then by eqs 9-10 and ``Σ_i (δ_i a_iᵀ)² = (δ²)ᵀ (a²)``,
-    ``diag_w^l = (1/m) (Σ_c h_c (δ^l_c)²)ᵀ (a^{l-1})²`` and
-    ``diag_b^l = (1/m) Σ_i Σ_c h_c (δ^l_{ic})²``: one matrix product per layer. Weighting
-    the squares by ``h_c`` instead of scaling by ``√h_c`` avoids square roots and keeps
-    ``G`` exact even for targets that make ``H`` indefinite. Memory is ``O(m n_L Σ_l n_l)``.
-
-    Monte-Carlo (``mc_samples=S``, ``mc_key`` required): ``S`` backward passes, each from one
-    sampled ``δ^L`` per example with ``E[δ^L δ^Lᵀ] = J_fᵀ H J_f``: targets ``ŷ`` drawn from the
-    model's predictive distribution (sigmoid: Bernoulli per unit; softmax with
-    log-likelihood: categorical; quadratic: ``ŷ ~ N(a^L, I)``) and ``δ^L = cost.delta(z, ŷ)``
-    (eqs 6-7), as in BackPACK's ``DiagGGNMC``. For softmax with cross-entropy, whose ``H``
-    depends on the true targets, ``δ^L = Σ_c ε_c √h_c u_c`` with Rademacher ``ε`` (this needs
-    ``h_c >= 0``, i.e. targets in ``[0, 1]``). The squares are averaged over the samples, so
-    the estimate is unbiased and converges to the exact diagonal; memory is
-    ``O(m Σ_l n_l)`` whatever ``S``. Sample ``s`` uses ``jax.random.fold_in(mc_key, s)``, so a
-    larger ``S`` reuses a smaller one's samples, and ``S`` is traced, so changing it does
-    not recompile.
-
-    The diagonal is of the *unregularised* cost (the mean of ``C_{x_i}``); an L2 term would
-    add the constant ``l2/n`` to every weight entry and is left to the caller. With dropout,
-    ``key`` draws the same per-example masks as :func:`jbackprop.grad`, and ``G`` is that of
-    the network with those masks fixed. Arguments are checked as :func:`jbackprop.grad`
-    checks them (``n`` is not needed).
-    """
-    given, (params, X, Y) = params, _batch(params, X, Y, model, None, key, regularised=False)
-    if model.cost.name not in _GGN_COSTS:
-        raise ValueError(
-            f"diag_ggn: cost {model.cost.name!r} is not supported; expected one of {_GGN_COSTS}"
-        )
-    if mc_samples is None:
-        if mc_key is not None:
-            raise ValueError("diag_ggn: mc_key is given but mc_samples is None (exact mode)")
-        return like(given, _diag_ggn_exact(params, X, Y, model, key))
-    if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
-        raise ValueError(f"diag_ggn: mc_samples must be a positive integer, got {mc_samples!r}")
-    if mc_key is None:
-        raise ValueError("diag_ggn: mc_key is required when mc_samples is given")
-    samples = operator.index(mc_samples)
-    return like(given, _diag_ggn_mc(params, X, Y, model, key, samples, mc_key))
+    given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
+    return checks.like(given, _grad_stats(params, X, Y, model, n, key))
 
 
 # --- gradient noise scale -------------------------------------------------------------
@@ -329,9 +143,9 @@ def noise_scale(
     which larger minibatches stop reducing the number of steps much. Examples are processed
     ``chunk_size`` at a time with :func:`grad_stats`, so memory stays small. Dropout is off.
     """
+    checks.check_model(model)
     checks.check_n(n, model)
-    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = checks.positive_int("chunk_size", chunk_size)
     plain = dataclasses.replace(model, l2=0.0, l1=0.0, dropout=0.0)
     total = int(np.shape(X)[0])
     if total < 2:

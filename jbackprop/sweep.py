@@ -2,19 +2,21 @@
 
 The lecture tunes hyperparameters on the validation set. Small networks leave most of a
 machine idle, so instead of ``K`` runs one after another, :func:`fit_many` stacks ``K``
-parameter sets, optimizer states and keys along a leading axis and vmaps the whole epoch
-over them. The models share the architecture, activations and cost (the static parts of a
-:class:`~jbackprop.Model`); they may differ in seed (initialisation, shuffles, dropout
-masks), learning rate ``eta``, L2 ``lmbda`` and dropout rate, which enter as traced
-numbers. Each model gets its own shuffle of the training set.
+parameter sets, optimizer states, keys and :class:`~jbackprop.Model` hyperparameters along a
+leading axis and vmaps :func:`jbackprop.training.run_epoch`, the very epoch :func:`jbackprop.fit`
+runs, over them. The models share the architecture (sizes, activations, cost); they may
+differ in seed (initialisation, shuffles, dropout masks), learning rate ``eta`` (carried in
+the optimizer state by ``optax.inject_hyperparams``), ``lmbda`` (L2), ``l1`` and dropout
+rate, which are traced values of the stacked ``Model``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,96 +25,45 @@ import optax
 from jax import Array
 
 from jbackprop import checks
-from jbackprop.model import Model, Params
-from jbackprop.network import backward, feedforward, init_params, mean_grads
-from jbackprop.regularizers import l1_grad, l1_penalty
-from jbackprop.training import _check_fit_args, _check_optimizer, _prepare
+from jbackprop.model import Model, Params, architecture
+from jbackprop.network import init_params
+from jbackprop.training import (
+    check_fit_args,
+    check_optimizer,
+    evaluation,
+    fingerprint,
+    run_epoch,
+)
 
 __all__ = ["fit_many"]
 
-
-def _masks(key: Array, model: Model, rate: Array, m: int, dtype):
-    """Inverted-dropout masks with a traced rate (``rate = 0`` keeps every unit)."""
-    keep = 1.0 - rate
-
-    def example(k):
-        keys = jax.random.split(k, len(model.sizes) - 2)
-        return [
-            jax.random.bernoulli(kk, keep, (size,)).astype(dtype) / keep
-            for kk, size in zip(keys, model.sizes[1:-1], strict=True)
-        ]
-
-    return jax.vmap(example)(jax.random.split(key, m))
+_COMPILED: OrderedDict[Any, tuple[Callable, Callable]] = OrderedDict()
 
 
-def _grads(params, X, Y, model: Model, hyper, n, key):
-    """Eqs 8-13 with this model's traced ``lmbda`` and dropout rate."""
-    masks = None
-    if model.dropout and model.num_layers > 1:
-        masks = _masks(key, model, hyper["dropout"], X.shape[0], X.dtype)
-    zs, acts = feedforward(params, X, model, masks)
-    grads = mean_grads(acts, backward(params, zs, Y, model, masks))
-    out = []
-    for g, p in zip(grads, params, strict=True):
-        w = g["w"] + (hyper["lmbda"] / n) * p["w"]
-        if model.l1:
-            w = w + l1_grad(p["w"], model.l1, n)
-        out.append({"w": w, "b": g["b"]})
-    return tuple(out)
+def _compiled(optimizer: optax.GradientTransformation, batch_size: int, shared_shuffle: bool):
+    """The vmapped epoch and evaluation for these settings, built once (the last 16 kept)."""
+    key = (fingerprint(optimizer), batch_size, shared_shuffle)
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    one_epoch = partial(run_epoch, optimizer=optimizer, batch_size=batch_size)
 
-
-def _evaluate(params, X, Y, labels, model: Model, hyper, n):
-    zs, _ = feedforward(params, X, model)
-    c = jnp.mean(model.cost.fn(zs[-1], Y, model.output))
-    c = c + hyper["lmbda"] / (2.0 * n) * sum(jnp.sum(p["w"] ** 2) for p in params)
-    if model.l1:
-        c = c + l1_penalty(params, model.l1, n)
-    return c, jnp.mean(jnp.argmax(zs[-1], axis=-1) == labels)
-
-
-@lru_cache(maxsize=16)
-def _compiled(model: Model, optimizer_factory, batch_size: int, shared_shuffle: bool):
-    def one_model(params, opt_state, hyper, X, Y, perm, drop_key, n):
-        optimizer = optax.inject_hyperparams(optimizer_factory)(learning_rate=hyper["eta"])
-        steps, rem = divmod(X.shape[0], batch_size)
-        step_keys = jax.random.split(drop_key, steps + 1)
-
-        def step(carry, xs):
-            params, opt_state = carry
-            ids, k = xs
-            g = _grads(params, X[ids], Y[ids], model, hyper, n, k)
-            updates, opt_state = optimizer.update(g, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
-
-        full = perm[: steps * batch_size].reshape(steps, batch_size)
-        carry, _ = jax.lax.scan(step, (params, opt_state), (full, step_keys[:steps]))
-        if rem:
-            carry, _ = step(carry, (perm[steps * batch_size :], step_keys[steps]))
-        return carry
-
-    def epoch(params, opt_state, hyper, X, Y, keys, n):
+    def epoch(params, opt_state, models, X, Y, keys, n):
         perm_keys, drop_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
         if shared_shuffle:
-            # One minibatch for all models: XLA then fuses their first-layer products
-            # (x Wᵀ and δᵀ x) into single, K times wider matrix products.
+            # One minibatch for all models: their first-layer products (x Wᵀ and δᵀ x)
+            # become single, K times wider matrix products.
             perm, axis = jax.random.permutation(perm_keys[0], X.shape[0]), None
         else:
             perm, axis = jax.vmap(lambda k: jax.random.permutation(k, X.shape[0]))(perm_keys), 0
-        many = jax.vmap(one_model, in_axes=(0, 0, 0, None, None, axis, 0, None))
-        return many(params, opt_state, hyper, X, Y, perm, drop_keys, n)
+        many = jax.vmap(one_epoch, in_axes=(0, 0, 0, None, None, axis, 0, None))
+        return many(params, opt_state, models, X, Y, perm, drop_keys, n)
 
-    def init(params, hyper):
-        optimizer = optax.inject_hyperparams(optimizer_factory)(learning_rate=hyper["eta"])
-        return optimizer.init(params)
-
-    return (
-        jax.jit(jax.vmap(init)),
-        jax.jit(epoch),
-        jax.jit(
-            jax.vmap(_evaluate, in_axes=(0, None, None, None, None, 0, None)),
-            static_argnums=4,
-        ),
-    )
+    evaluate = jax.vmap(evaluation, in_axes=(0, None, None, None, 0, None))
+    _COMPILED[key] = (jax.jit(epoch), jax.jit(evaluate))
+    if len(_COMPILED) > 16:
+        _COMPILED.popitem(last=False)
+    return _COMPILED[key]
 
 
 def _per_model(name: str, value, k: int, default: float, low: float, high: float | None):
@@ -135,6 +86,7 @@ def fit_many(
     *,
     eta: float | Sequence[float],
     lmbda: float | Sequence[float] | None = None,
+    l1: float | Sequence[float] | None = None,
     dropout: float | Sequence[float] | None = None,
     optimizer: Callable[..., optax.GradientTransformation] = optax.sgd,
     validation: tuple[Array, Array] | None = None,
@@ -147,9 +99,12 @@ def fit_many(
     Args:
       keys: ``K`` PRNG keys (e.g. ``jax.random.split(key, K)``); model ``k`` is initialised
         from ``split(keys[k])[0]``; the other half drives its shuffles and dropout masks.
-      model: the shared architecture; its ``l2`` and ``dropout`` are the defaults for
-        ``lmbda`` and ``dropout``; its ``l1`` applies to all.
-      eta, lmbda, dropout: one value for all models or one per model.
+      model: the shared architecture; its ``l2``, ``l1`` and ``dropout`` are the defaults
+        for ``lmbda``, ``l1`` and ``dropout``.
+      train: ``(X, Y)``, inputs ``(n, n_0)`` and labels ``(n,)`` or targets ``(n, n_L)``.
+      epochs, batch_size: as for :func:`jbackprop.fit`.
+      eta, lmbda, l1, dropout: one value for all models or one per model (``lmbda`` is the
+        L2 strength, the model's ``l2``).
       optimizer: an Optax constructor taking ``learning_rate`` (``optax.sgd``,
         ``optax.adam``, ``functools.partial(optax.sgd, momentum=0.9)``, ...).
       validation: optional ``(X, Y)`` evaluated every epoch for every model.
@@ -161,42 +116,55 @@ def fit_many(
     Returns ``(params, histories)``: every leaf of ``params`` has a leading axis ``K``
     (``jax.tree.map(lambda x: x[k], params)`` is model ``k``), and ``histories[k]`` is
     model ``k``'s per-epoch records, as :func:`jbackprop.fit` returns them.
+
+    Each model's training is exactly :func:`jbackprop.fit` with
+    ``optax.inject_hyperparams(optimizer)(learning_rate=eta[k])``, the model's
+    hyperparameters and key ``split(keys[k])[1]`` (with ``shared_shuffle=False``; with the
+    shared shuffle, model 0's), because both run the same epoch function.
     """
     keys = jnp.asarray(keys)
     k = keys.shape[0] if keys.ndim else 0
     if k < 1:
         raise ValueError(f"keys must hold one PRNG key per model, got shape {keys.shape}")
-    _check_optimizer(optimizer(learning_rate=0.1))
+    check_optimizer(optimizer(learning_rate=0.1))
     hyper = {
         "eta": _per_model("eta", eta, k, 0.0, 0.0, None),
         "lmbda": _per_model("lmbda", lmbda, k, model.l2, 0.0, None),
+        "l1": _per_model("l1", l1, k, model.l1, 0.0, None),
         "dropout": _per_model("dropout", dropout, k, model.dropout, 0.0, 1.0),
     }
     if np.any(hyper["eta"] <= 0):
         raise ValueError(f"eta values must be > 0, got {hyper['eta'].tolist()}")
-    # The static model has dropout on when any model uses it; rates enter traced.
-    static = dataclasses.replace(model, l2=0.0, dropout=0.5 if hyper["dropout"].any() else 0.0)
+    # Dropout is on (static) when any model uses it; a rate of 0 then keeps every unit.
+    shared = architecture(model, dropout=bool(hyper["dropout"].any()))
     init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    params = jax.vmap(lambda kk: init_params(kk, static, scheme))(init_keys)
+    params = jax.vmap(lambda kk: init_params(kk, shared, scheme))(init_keys)
     first = jax.tree.map(lambda x: x[0], params)
-    tr = _prepare(first, static, train, "train")
-    val = None if validation is None else _prepare(first, static, validation, "validation")
-    _check_fit_args(tr, epochs, batch_size, None, None)
+    tr = checks.prepare(first, shared, train, "train")
+    val = None if validation is None else checks.prepare(first, shared, validation, "validation")
+    epochs, batch_size = check_fit_args(tr, epochs, batch_size)
     n = tr.n if n is None else n
     checks.check_n(n, model)
     dtype = tr.X.dtype
-    hyper = {name: jnp.asarray(v, dtype) for name, v in hyper.items()}
-    init, epoch_fn, evaluate = _compiled(static, optimizer, batch_size, bool(shared_shuffle))
-    opt_state = init(params, hyper)
+    models = jax.tree.unflatten(
+        jax.tree.structure(shared),
+        [jnp.asarray(hyper[name], dtype) for name in ("lmbda", "l1", "dropout")],
+    )
+    # The learning rate lives in the optimizer state, so one optimizer serves every model.
+    injected = optax.inject_hyperparams(optimizer)
+    opt_state = jax.vmap(lambda p, lr: injected(learning_rate=lr).init(p))(
+        params, jnp.asarray(hyper["eta"], dtype)
+    )
+    epoch_fn, evaluate = _compiled(injected(learning_rate=0.1), batch_size, bool(shared_shuffle))
     histories: list[list[dict[str, float]]] = [[] for _ in range(k)]
     for e in range(1, epochs + 1):
         start = time.perf_counter()
         epoch_keys = jax.vmap(lambda kk, e=e: jax.random.fold_in(kk, e))(train_keys)
-        params, opt_state = epoch_fn(params, opt_state, hyper, tr.X, tr.Y, epoch_keys, n)
-        c, acc = evaluate(params, tr.X, tr.Y, tr.labels, static, hyper, n)
+        params, opt_state = epoch_fn(params, opt_state, models, tr.X, tr.Y, epoch_keys, n)
+        c, acc, _ = evaluate(params, tr.X, tr.Y, tr.labels, models, n)
         recs = [{"epoch": e, "train_cost": c, "train_accuracy": acc}]
         if val is not None:
-            vc, vacc = evaluate(params, val.X, val.Y, val.labels, static, hyper, n)
+            vc, vacc, _ = evaluate(params, val.X, val.Y, val.labels, models, n)
             recs.append({"val_cost": vc, "val_accuracy": vacc})
         recs = jax.device_get(recs)
         seconds = time.perf_counter() - start

@@ -9,15 +9,25 @@ example is visited every epoch.
 The key of epoch ``e`` is ``fold_in(key, e)``: an epoch's shuffle and dropout masks depend on
 nothing but the key and the epoch number, which is what makes an interrupted run resume
 bit-identically.
+
+The epoch is written once, in :func:`run_epoch`; :func:`fit` compiles it for one model and
+:func:`jbackprop.fit_many` vmaps it over many. The compiled program depends on the model's
+architecture, the optimizer's definition and the minibatch size only: the regularisation
+strengths and dropout rate of the :class:`~jbackprop.Model` are traced, and optimizers are
+matched by what they compute (their functions and hyperparameters), not by object identity,
+so ``fit(..., optax.sgd(0.5), ...)`` called again with a fresh ``optax.sgd(0.5)`` or another
+``l2`` reuses the compiled epoch.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -28,11 +38,19 @@ from jax import Array
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jbackprop import checks
+from jbackprop.checks import Data, like, prepare
 from jbackprop.model import Model, Params
-from jbackprop.network import _grad, feedforward, like
-from jbackprop.regularizers import penalty
+from jbackprop.network import feedforward, minibatch_grad, objective
 
-__all__ = ["TrainState", "TrainingDiverged", "accuracy", "evaluate", "fit"]
+__all__ = [
+    "TrainState",
+    "TrainingDiverged",
+    "accuracy",
+    "evaluate",
+    "fit",
+    "run_epoch",
+    "train_epoch",
+]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -63,36 +81,31 @@ class TrainState:
     best_epoch: int = 0
 
 
-@dataclass(frozen=True)
-class _Data:
-    X: Array
-    Y: Array
-    labels: Array
-    n: int = field(default=0)
-
-
 # --- evaluation -----------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames="model")
-def _evaluate(params, X, Y, labels, model, n):
+def evaluation(params, X, Y, labels, model, n):
+    """``(cost, accuracy, finite)`` of a checked data set, dropout off (traceable)."""
     zs, _ = feedforward(params, X, model)
-    c = jnp.mean(model.cost.fn(zs[-1], Y, model.output)) + penalty(params, model, n)
+    c = objective(params, zs[-1], Y, model, n)
     acc = jnp.mean(jnp.argmax(zs[-1], axis=-1) == labels)
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
     return c, acc, finite
 
 
+_evaluate = jax.jit(evaluation)
+
+
 def evaluate(params: Params, X: Array, Y: Array, model: Model, n: int | None = None):
     """``(cost, accuracy)`` on a data set, without dropout; the cost includes the
     regulariser term with training-set size ``n`` (as minimised by :func:`fit`)."""
-    data = _prepare(params, model, (X, Y), "data")
+    data = prepare(params, model, (X, Y), "data")
     checks.check_n(n, model)
     c, acc, _ = _evaluate(tuple(params), data.X, data.Y, data.labels, model, n)
     return float(c), float(acc)
 
 
-@partial(jax.jit, static_argnames="model")
+@jax.jit
 def _accuracy(params, X, labels, model):
     zs, _ = feedforward(params, X, model)
     return jnp.mean(jnp.argmax(zs[-1], axis=-1) == labels)
@@ -103,7 +116,7 @@ def accuracy(params: Params, X: Array, labels: Array, model: Model) -> float:
 
     ``labels`` are integer classes ``(m,)`` or one-hot targets ``(m, n_L)``.
     """
-    data = _prepare(params, model, (X, labels), "data")
+    data = prepare(params, model, (X, labels), "data")
     return float(_accuracy(tuple(params), data.X, data.labels, model))
 
 
@@ -118,77 +131,198 @@ def _batch_constraint(mesh: Mesh | None, size: int):
     return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
-@lru_cache(maxsize=64)
-def _epoch_fn(
+def run_epoch(
+    params: Params,
+    opt_state: Any,
     model: Model,
-    optimizer,
+    X: Array,
+    Y: Array,
+    perm: Array,
+    drop_key: Array,
+    n: Any,
+    *,
+    optimizer: optax.GradientTransformation,
     batch_size: int,
-    mesh: Mesh | None,
-    gradient=None,
-    impl=None,
-    progress=None,
+    gradient: Callable | None = None,
+    shard: Callable[[Array], Array] = lambda x: x,
+    progress: Callable[[int, int], None] | None = None,
 ):
-    """A jitted epoch for this model, optimizer and minibatch size (cached: compiled once).
+    """One pass over the training set in the order ``perm``: eq 4 (or the optimizer's rule)
+    for each minibatch of ``batch_size`` examples, the remainder as a last, smaller one.
 
-    The epoch key arrives as raw key data (``impl`` names its PRNG) so that it can be
-    placed on a mesh spanning several processes like any other array. ``progress``, if
-    given, is called from inside the compiled scan about 50 times per epoch.
+    Traceable, unchecked; ``Y`` holds target vectors. ``drop_key`` is split into one key
+    per step (the dropout masks, or whatever ``gradient`` draws). :func:`fit` jits this for
+    one model; :func:`jbackprop.fit_many` vmaps it over many.
     """
 
-    def step(params, opt_state, X, Y, ids, key, n):
-        shard = _batch_constraint(mesh, ids.shape[0])
+    def step(carry, ids, key):
+        params, opt_state = carry
         Xb, Yb = shard(X[ids]), shard(Y[ids])
         if gradient is None:
-            g = _grad(params, Xb, Yb, model, n, key if model.dropout else None)
+            g = minibatch_grad(params, Xb, Yb, model, n, key if model.has_dropout else None)
         else:
             g = gradient(params, Xb, Yb, model, n, key)
         updates, opt_state = optimizer.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def epoch(params, opt_state, X, Y, key_data, n):
+    steps, rem = divmod(X.shape[0], batch_size)
+    step_keys = jax.random.split(drop_key, steps + 1)
+
+    def body(carry, xs):
+        i, ids, k = xs
+        if progress is not None:
+            report = lambda: jax.debug.callback(progress, i, steps)  # noqa: E731
+            jax.lax.cond(i % max(1, steps // 50) == 0, report, lambda: None)
+        return step(carry, ids, k), None
+
+    full = perm[: steps * batch_size].reshape(steps, batch_size)
+    carry, _ = jax.lax.scan(body, (params, opt_state), (jnp.arange(steps), full, step_keys[:steps]))
+    if rem:
+        carry = step(carry, perm[steps * batch_size :], step_keys[steps])
+    return carry
+
+
+def _batch_constraint(mesh: Mesh | None, size: int):
+    """Shard a minibatch over the mesh's batch axis when it divides evenly."""
+    if mesh is None or size % mesh.size:
+        return lambda x: x
+    sharding = NamedSharding(mesh, PartitionSpec("batch"))
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
+class _Opaque(Exception):
+    """A value whose behaviour cannot be read off by :func:`fingerprint`."""
+
+
+class _Identity:
+    """Hashes and compares by identity, and keeps its object alive while cached."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+
+def fingerprint(obj: Any, _depth: int = 0) -> Any:
+    """A hashable description of what ``obj`` computes, for caching compiled programs.
+
+    Functions are described by their code, defaults and closed-over values (recursively),
+    so two ``optax.sgd(0.5)`` built separately get equal fingerprints, while
+    ``optax.sgd(0.1)`` differs. Small arrays count by value; lists and sets, which may
+    change after the program is compiled, by identity. Raises :class:`_Opaque` for anything
+    else that is not hashable (or is a tracer).
+    """
+    if _depth > 40:
+        raise _Opaque
+    fp = functools.partial(fingerprint, _depth=_depth + 1)
+    if obj is None or isinstance(obj, bool | int | float | complex | str | bytes):
+        return (type(obj).__name__, obj)
+    if isinstance(obj, tuple):
+        return (type(obj).__name__, tuple(fp(x) for x in obj))
+    if isinstance(obj, list | set | bytearray):
+        return ("identity", _Identity(obj))
+    if isinstance(obj, dict):
+        return ("dict", tuple((fp(k), fp(v)) for k, v in obj.items()))
+    if isinstance(obj, functools.partial):
+        return ("partial", fp(obj.func), fp(obj.args), fp(obj.keywords))
+    if inspect.isfunction(obj):
+        cells = tuple(fp(c.cell_contents) for c in obj.__closure__ or ())
+        return ("fn", obj.__code__, fp(obj.__defaults__), fp(obj.__kwdefaults__), cells)
+    if isinstance(obj, np.ndarray | np.generic | jax.Array):
+        if isinstance(obj, jax.core.Tracer) or np.size(obj) > 4096:
+            raise _Opaque
+        host = np.asarray(obj)
+        return ("array", str(host.dtype), host.shape, host.tobytes())
+    try:
+        hash(obj)
+    except TypeError:
+        raise _Opaque from None
+    return ("object", obj)
+
+
+_EPOCHS: OrderedDict[Any, Callable] = OrderedDict()
+
+
+def _compiled_epoch(
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    gradient: Callable | None = None,
+    impl: Any = None,
+    progress: Callable | None = None,
+) -> Callable:
+    """The jitted epoch ``(params, opt_state, model, X, Y, key_data, n)`` for these
+    settings, built once per distinct setting (the last 64 are kept).
+
+    The epoch key arrives as raw key data (``impl`` names its PRNG) so that it can be
+    placed on a mesh spanning several processes like any other array.
+    """
+    try:
+        key = (fingerprint(optimizer), batch_size, mesh, fingerprint(gradient), impl, progress)
+    except _Opaque:
+        key = (("id", optimizer), batch_size, mesh, ("id", gradient), impl, progress)
+    if key in _EPOCHS:
+        _EPOCHS.move_to_end(key)
+        return _EPOCHS[key]
+
+    def epoch(params, opt_state, model, X, Y, key_data, n):
         key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
         k_perm, k_drop = jax.random.split(key)
-        size = X.shape[0]
-        steps, rem = divmod(size, batch_size)
-        perm = jax.random.permutation(k_perm, size)
-        step_keys = jax.random.split(k_drop, steps + 1)
+        perm = jax.random.permutation(k_perm, X.shape[0])
+        return run_epoch(
+            params, opt_state, model, X, Y, perm, k_drop, n,
+            optimizer=optimizer, batch_size=batch_size, gradient=gradient,
+            shard=_batch_constraint(mesh, batch_size), progress=progress,
+        )  # fmt: skip
 
-        def body(carry, xs):
-            i, ids, k = xs
-            if progress is not None:
-                report = lambda: jax.debug.callback(progress, i, steps)  # noqa: E731
-                jax.lax.cond(i % max(1, steps // 50) == 0, report, lambda: None)
-            return step(*carry, X, Y, ids, k, n), None
+    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    compiled = jax.jit(epoch) if mesh is None else jax.jit(epoch, out_shardings=out)
+    _EPOCHS[key] = compiled
+    if len(_EPOCHS) > 64:
+        _EPOCHS.popitem(last=False)
+    return compiled
 
-        full = perm[: steps * batch_size].reshape(steps, batch_size)
-        xs = (jnp.arange(steps), full, step_keys[:steps])
-        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), xs)
-        if rem:
-            tail = perm[steps * batch_size :]
-            params, opt_state = step(params, opt_state, X, Y, tail, step_keys[steps], n)
-        return params, opt_state
 
-    if mesh is None:
-        return jax.jit(epoch)
-    return jax.jit(epoch, out_shardings=NamedSharding(mesh, PartitionSpec()))
+def train_epoch(
+    params: Params,
+    opt_state: Any,
+    model: Model,
+    X: Array,
+    Y: Array,
+    key: Array,
+    n: Any = None,
+    *,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    gradient: Callable | None = None,
+) -> tuple[Params, Any]:
+    """One compiled epoch of :func:`fit`: shuffle with ``key``, then every minibatch.
+
+    Args:
+      params: a tuple of ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dicts.
+      opt_state: ``optimizer.init(params)`` or the state a previous epoch returned.
+      model: the network; its ``l2``, ``l1`` and ``dropout`` are traced.
+      X: inputs ``(n, n_0)``, already an array of the params' dtype.
+      Y: target vectors ``(n, n_L)`` (one-hot for classes).
+      key: PRNG key of this epoch; :func:`fit` uses ``jax.random.fold_in(key, epoch)``.
+      n: training-set size of eqs 12-15 (defaults to ``len(X)``).
+      optimizer, batch_size, gradient: as for :func:`fit`.
+
+    Returns ``(params, opt_state)`` after the epoch. Arguments are not checked beyond
+    what tracing does; use :func:`fit` for a checked loop. Equal settings reuse one
+    compiled program.
+    """
+    impl = jax.random.key_impl(key) if _typed_key(key) else None
+    run = _compiled_epoch(optimizer, int(batch_size), None, gradient, impl)
+    n = X.shape[0] if n is None else n
+    return run(tuple(params), opt_state, model, X, Y, _key_data(key), n)
 
 
 # --- fit ------------------------------------------------------------------------------
-
-
-def _prepare(params, model: Model, data, name: str, allow_nonfinite: bool = True) -> _Data:
-    try:
-        X, Y = data
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (X, Y), got {type(data).__name__}") from None
-    checks.check_params(params, model)
-    X = checks.inputs(X, model, params, batched=True, name=f"{name} X")
-    Y = checks.targets(Y, model, params, (X.shape[0],), name=f"{name} Y")
-    if not allow_nonfinite and not bool(jnp.all(jnp.isfinite(X))):
-        raise ValueError(
-            f"{name} X contains NaN or infinite values; clean the data or pass allow_nonfinite=True"
-        )
-    return _Data(X, Y, jnp.argmax(Y, axis=-1), X.shape[0])
 
 
 def _resolve_mesh(devices) -> Mesh | None:
@@ -204,9 +338,9 @@ def _resolve_mesh(devices) -> Mesh | None:
     return Mesh(np.array(devs), ("batch",))
 
 
-def _check_fit_args(data: _Data, epochs, batch_size, patience, mesh) -> None:
-    if isinstance(epochs, bool) or not hasattr(epochs, "__index__") or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+def check_fit_args(data: Data, epochs, batch_size, patience=None, mesh=None) -> tuple[int, int]:
+    """Check the loop's integers; return ``(epochs, batch_size)`` as ints."""
+    epochs = checks.positive_int("epochs", epochs, low=0)
     if (
         isinstance(batch_size, bool)
         or not hasattr(batch_size, "__index__")
@@ -216,18 +350,16 @@ def _check_fit_args(data: _Data, epochs, batch_size, patience, mesh) -> None:
             f"batch_size must be an integer between 1 and the training-set size {data.n}, "
             f"got {batch_size!r}"
         )
-    if patience is not None and (
-        isinstance(patience, bool) or not hasattr(patience, "__index__") or patience < 1
-    ):
-        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    checks.positive_int("patience", patience, allow_none=True)
     if mesh is not None and batch_size % mesh.size:
         raise ValueError(
             f"batch_size {batch_size} must be divisible by the {mesh.size} devices it is "
             "sharded over"
         )
+    return epochs, int(batch_size)
 
 
-def _check_optimizer(optimizer) -> None:
+def check_optimizer(optimizer) -> None:
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise ValueError(
             f"optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.5)), "
@@ -235,7 +367,7 @@ def _check_optimizer(optimizer) -> None:
         )
 
 
-def _record(epoch, train: _Data, val: _Data | None, params, model, n, seconds_from):
+def _record(epoch, train: Data, val: Data | None, params, model, n, seconds_from):
     c, acc, finite = _local(_evaluate(params, train.X, train.Y, train.labels, model, n))
     if not bool(finite):
         raise TrainingDiverged(epoch, "parameters")
@@ -297,22 +429,19 @@ def fit(
     :class:`TrainingDiverged` when the cost or the parameters stop being finite.
     """
     given = params
-    _check_optimizer(optimizer)
-    tr = _prepare(params, model, train, "train", allow_nonfinite)
-    val = None if validation is None else _prepare(params, model, validation, "validation")
+    check_optimizer(optimizer)
+    tr = prepare(params, model, train, "train", allow_nonfinite)
+    val = None if validation is None else prepare(params, model, validation, "validation")
     mesh = _resolve_mesh(devices)
-    _check_fit_args(tr, epochs, batch_size, patience, mesh)
-    epochs, batch_size = int(epochs), int(batch_size)
+    epochs, batch_size = check_fit_args(tr, epochs, batch_size, patience, mesh)
     if patience is not None and val is None:
         raise ValueError("patience needs a validation set to watch")
     n = tr.n if n is None else n
     checks.check_n(n, model)
-    if not math.isfinite(float(n)):
-        raise ValueError(f"n must be finite, got {n}")
     key = _as_key(key)
     state = resume or TrainState(tuple(params), optimizer.init(tuple(params)), 0)
     impl = jax.random.key_impl(key) if _typed_key(key) else None
-    run = _epoch_fn(model, optimizer, batch_size, mesh, gradient, impl, progress)
+    run = _compiled_epoch(optimizer, batch_size, mesh, gradient, impl, progress)
     # With a mesh, data and state are replicated on every device (of every process); each
     # step's minibatch is then sharded over the batch axis inside the compiled epoch.
     tr_eval, val = _place_data(tr, mesh, shard=True), _place_data(val, mesh, shard=True)
@@ -324,7 +453,7 @@ def fit(
     for epoch in range(state.epoch + 1, epochs + 1):
         start = time.perf_counter()
         epoch_key = _replicate(_key_data(_epoch_key(key, epoch)), mesh)
-        params, opt_state = run(params, opt_state, tr.X, tr.Y, epoch_key, n)
+        params, opt_state = run(params, opt_state, model, tr.X, tr.Y, epoch_key, n)
         rec = _record(epoch, tr_eval, val, params, model, n, start)
         history.append(rec)
         if val is None or best is None or rec["val_accuracy"] > _best_accuracy(history, best_epoch):
@@ -364,7 +493,7 @@ def _replicate(tree, mesh: Mesh | None):
     return jax.tree.map(lambda x: _on_mesh(x, mesh, PartitionSpec()), tree)
 
 
-def _place_data(data: _Data | None, mesh: Mesh | None, shard: bool) -> _Data | None:
+def _place_data(data: Data | None, mesh: Mesh | None, shard: bool) -> Data | None:
     """Training data replicated (each step gathers its rows from a global shuffle);
     evaluation data split over the batch axis when it divides evenly, so every device
     evaluates only its part."""
@@ -372,7 +501,7 @@ def _place_data(data: _Data | None, mesh: Mesh | None, shard: bool) -> _Data | N
         return data
     spec = PartitionSpec("batch") if shard and data.n % mesh.size == 0 else PartitionSpec()
     arrays = (data.X, data.Y, data.labels)
-    return _Data(*(_on_mesh(x, mesh, spec) for x in arrays), data.n)
+    return Data(*(_on_mesh(x, mesh, spec) for x in arrays), data.n)
 
 
 def _local(tree):

@@ -235,7 +235,11 @@ def numpy_params(model: jb.Model, seed: int = 0):
 
 
 # One compilation per (model, m) instead of one per primitive of an eager call.
-dropout_masks = jax.jit(regularizers.dropout_masks, static_argnames=("model", "m"))
+@partial(jax.jit, static_argnames=("model", "m"))
+def dropout_masks(key, model, m):
+    if not model.has_dropout:
+        return None
+    return regularizers.dropout_masks(key, model.widths, model.dropout, m)
 
 
 @partial(jax.jit, static_argnames="model")

@@ -78,8 +78,8 @@ def _reference(params, X, Y, model, n, key, clip, sigma=0.0, noise_key=None):
 def _add_penalty(agg, params, model, n):
     out = []
     for g, p in zip(agg, params, strict=True):
-        extra = penalty_grad(p["w"], model, n)
-        out.append(g if extra is None else {"w": g["w"] + extra, "b": g["b"]})
+        extra = penalty_grad(p["w"], model.l2, model.l1, 1.0 if n is None else n)
+        out.append({"w": g["w"] + extra, "b": g["b"]})
     return tuple(out)
 
 
