@@ -44,7 +44,7 @@ def test_sweep_picks_the_winner_by_validation(tmp_path, mnist_dir):
     sweep = metrics["sweep"]
     assert len(sweep) == 4 and {r["eta"] for r in sweep} == {0.05, 1.0}
     best = max(sweep, key=lambda r: r["best_val_accuracy"])
-    assert metrics["winner"] == {k: best[k] for k in ("eta", "lmbda", "dropout", "seed")}
+    assert metrics["winner"] == {k: best[k] for k in ("eta", "lmbda", "l1", "dropout", "seed")}
     assert len(metrics["epochs"]) == 2 and 0 < metrics["test_accuracy"] <= 1
     assert "test accuracy of the winner" in proc.stdout
     assert (out / "params.safetensors").exists() and (out / "learning_curves.png").exists()

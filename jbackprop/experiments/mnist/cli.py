@@ -1,0 +1,390 @@
+"""The command line: flags in, exit status out.
+
+:func:`main` parses the flags (a mistake is one line on stderr and exit status 2), then
+trains one network (:mod:`.run`) or a sweep (:mod:`.sweep`). Errors the user can act on
+(bad data, an unwritable folder, a checkpoint of another run, divergence, an interrupt)
+become one ``error: ...`` line on stderr and exit status 1, without a traceback unless
+``--debug`` asks for it; a second Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jax
+import numpy as np
+
+from jbackprop import activations, costs, data
+from jbackprop.experiments import distributed
+from jbackprop.experiments.mnist.config import OPTIMIZERS, UserError, model_of
+from jbackprop.experiments.mnist.run import run
+from jbackprop.experiments.mnist.sweep import HYPERPARAMETERS, run_sweep
+
+PROG = "python -m jbackprop.experiments.mnist"
+SCRIPT = "jbackprop-mnist"  # the console script pyproject.toml installs
+
+DESCRIPTION = """\
+Train a fully-connected network by hand-written backprop on MNIST or Fashion-MNIST.
+The first 50,000 training images train it and the last 10,000 validate it after every
+epoch; the test set is read once, after training.
+"""
+
+EPILOG = """\
+examples:
+  %(prog)s --epochs 30 --out runs/ch3
+      the book's chapter-3 network (the defaults): 784-100-10 sigmoid, cross-entropy,
+      L2 with λ = 5.0, η = 0.5, minibatch 10
+  %(prog)s --epochs 30 --resume runs/ch3
+      continue that run after an interruption: the same flags, --resume for --out
+  %(prog)s --sweep eta=0.1,0.5,1.0 --sweep lmbda=1,5
+      6 models trained at once; the one with the best validation accuracy is tested
+
+--lmbda is spelled as in Nielsen's book (lambda is a Python keyword): the L2 strength λ,
+which adds λ/(2n) Σ w² to the cost, the l2 of jbackprop.Model.
+
+A run folder receives metrics.json, learning_curves.png, params.safetensors and, after
+every epoch, checkpoint.safetensors, which --resume continues exactly where it stopped.
+"""
+
+
+# --- value types: each turns one flag's text into a checked value ------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(low: float, high: float | None = None, *, low_open: bool = False):
+    """A type for finite numbers in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if too_low or not np.isfinite(value) or (high is not None and value >= high):
+            bound = f"> {low}" if low_open else f">= {low}"
+            upper = f" and < {high}" if high is not None else ""
+            raise argparse.ArgumentTypeError(f"expected a number {bound}{upper}, got {text}")
+        return value
+
+    return parse
+
+
+_POSITIVE = _number(0, low_open=True)
+_NONNEGATIVE = _number(0)
+_RATE = _number(0, 1)
+
+# The type of each flag --sweep can vary: a swept value is checked as the flag's value is.
+SWEEP_TYPES = {
+    "eta": _POSITIVE,
+    "lmbda": _NONNEGATIVE,
+    "l1": _NONNEGATIVE,
+    "dropout": _RATE,
+    "seed": _integer,
+}
+
+
+def _activation(text: str) -> str:
+    try:
+        return activations.get(text).spec
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _sweep(text: str) -> tuple[str, tuple[float, ...]]:
+    name, _, values = text.partition("=")
+    if name not in SWEEP_TYPES or not values:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=V1,V2,... with NAME one of {', '.join(HYPERPARAMETERS)}, got {text!r}"
+        )
+    try:
+        parsed = tuple(SWEEP_TYPES[name](v) for v in values.split(","))
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"--sweep {name}: {err}") from None
+    return name, parsed
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming the problem, instead of the whole usage text."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _prog() -> str:
+    """How the user started us: the console script, or ``python -m``."""
+    return SCRIPT if Path(sys.argv[0]).name == SCRIPT else PROG
+
+
+def parser() -> argparse.ArgumentParser:
+    """The experiment's flags, each with its default in its help."""
+    p = _Parser(
+        prog=_prog(),
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=30
+        ),
+    )
+    net = p.add_argument_group("network")
+    net.add_argument(
+        "--dataset", choices=data.DATASETS, default="mnist", help="(default: %(default)s)"
+    )
+    net.add_argument(
+        "--sizes",
+        type=_positive_int,
+        nargs="+",
+        default=[784, 100, 10],
+        metavar="N",
+        help="layer widths: 784 inputs first, 10 outputs last (default: 784 100 10)",
+    )
+    net.add_argument(
+        "--hidden",
+        type=_activation,
+        default="sigmoid",
+        metavar="NAME",
+        help=f"hidden activation: one of {', '.join(activations.names())}; "
+        "leaky_relu(SLOPE) sets its slope (default: %(default)s)",
+    )
+    net.add_argument(
+        "--output",
+        type=_activation,
+        default="sigmoid",
+        metavar="NAME",
+        help="output activation, the same names (default: %(default)s)",
+    )
+    net.add_argument(
+        "--cost",
+        choices=costs.names(),
+        default="cross_entropy",
+        help="log_likelihood needs --output softmax (default: %(default)s)",
+    )
+    net.add_argument(
+        "--init",
+        choices=("normal", "scaled"),
+        default="scaled",
+        help="weights N(0, 1/n_in) (scaled) or N(0, 1) (normal, the book's chapter 1); "
+        "biases N(0, 1) (default: %(default)s)",
+    )
+
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--eta", type=_POSITIVE, default=0.5, help="learning rate η (default: %(default)s)"
+    )
+    train.add_argument(
+        "--lmbda",
+        type=_NONNEGATIVE,
+        default=5.0,
+        help="L2 regularisation λ, the book's spelling; Model's l2 (default: %(default)s)",
+    )
+    train.add_argument(
+        "--l1", type=_NONNEGATIVE, default=0.0, help="L1 regularisation λ (default: %(default)s)"
+    )
+    train.add_argument(
+        "--dropout",
+        type=_RATE,
+        default=0.0,
+        help="probability of dropping a hidden unit in training (default: %(default)s)",
+    )
+    train.add_argument(
+        "--batch-size", type=_positive_int, default=10, help="minibatch size (default: %(default)s)"
+    )
+    train.add_argument(
+        "--epochs", type=_positive_int, default=30, help="epochs to train (default: %(default)s)"
+    )
+    train.add_argument(
+        "--optimizer",
+        choices=tuple(OPTIMIZERS),
+        default="sgd",
+        help="plain SGD, SGD with momentum 0.9, or Adam, each with step η (default: %(default)s)",
+    )
+    train.add_argument(
+        "--seed",
+        type=_integer,
+        default=0,
+        help="seeds initialisation, shuffles and dropout masks (default: %(default)s)",
+    )
+    train.add_argument(
+        "--train-size",
+        type=_positive_int,
+        metavar="N",
+        help="train on the first N training images only (default: all 50,000)",
+    )
+    train.add_argument(
+        "--patience",
+        type=_positive_int,
+        metavar="N",
+        help="stop after N epochs without a better validation accuracy, keeping the best "
+        "epoch's parameters (default: train every epoch)",
+    )
+    train.add_argument(
+        "--sweep",
+        type=_sweep,
+        action="append",
+        metavar="NAME=V1,V2,...",
+        help=f"train one model per value, all at once; NAME is one of "
+        f"{', '.join(HYPERPARAMETERS)}; repeat the flag for a grid of every combination "
+        "(default: no sweep)",
+    )
+
+    extras = p.add_argument_group("privacy and statistics")
+    extras.add_argument(
+        "--dp-clip",
+        type=_POSITIVE,
+        metavar="C",
+        help="DP-SGD: clip every example's gradient to norm C (default: no clipping)",
+    )
+    extras.add_argument(
+        "--dp-noise",
+        type=_NONNEGATIVE,
+        default=0.0,
+        metavar="SIGMA",
+        help="DP-SGD: add Gaussian noise of deviation SIGMA*C to the summed clipped gradients "
+        "(default: %(default)s)",
+    )
+    extras.add_argument(
+        "--track-stats",
+        action="store_true",
+        help="after every epoch, record the median per-example gradient norm and the "
+        "gradient noise scale (grad_stats.png)",
+    )
+
+    files = p.add_argument_group("files")
+    files.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder holding the four IDX .gz files (default: $JBACKPROP_DATA/<dataset>, "
+        "then the user cache, then /usr/share/datasets/<dataset>, else download)",
+    )
+    files.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run folder (default: runs/<dataset>-<date>-<time>)",
+    )
+    files.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
+
+    multi = p.add_argument_group("several processes (jax.distributed)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=_positive_int, metavar="N", help="how many")
+    multi.add_argument(
+        "--process-id", type=_integer, metavar="I", help="this process's index, 0..N-1"
+    )
+    multi.add_argument(
+        "--timeout",
+        type=_positive_int,
+        default=120,
+        metavar="S",
+        help="seconds to wait for the peers (default: %(default)s)",
+    )
+
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the flags; a mistake exits with status 2 and one line."""
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        model_of(vars(args))
+    except ValueError as err:
+        p.error(str(err).removeprefix("Model: "))
+    if args.sizes[0] != 784:
+        p.error(f"--sizes must start with 784 (28x28 pixels), got {args.sizes[0]}")
+    if args.sizes[-1] != 10:
+        p.error(f"--sizes must end with 10 (one output per class), got {args.sizes[-1]}")
+    if args.sweep:
+        if args.dp_clip or args.resume or args.patience or args.track_stats:
+            p.error(
+                "--sweep cannot be combined with --dp-clip, --resume, --patience or --track-stats"
+            )
+        names = [name for name, _ in args.sweep]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            p.error(f"--sweep {twice[0]} is given twice; list all its values in one flag")
+    return args
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the experiment with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = parse_args(argv)
+    code = _main(args)
+    if code and jax.process_count() > 1:
+        # jax.distributed's exit handler waits at a barrier for every peer, and a failed
+        # peer never arrives: leave now, with the message already printed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        if distributed.requested(args.coordinator, args.num_processes, args.process_id):
+            distributed.init(args.coordinator, args.num_processes, args.process_id, args.timeout)
+        if args.sweep:
+            run_sweep(args)
+        else:
+            run(args)
+    except (UserError, distributed.JoinError, data.DataError, ValueError, OSError) as err:
+        _debug(args)
+        message = str(err) if not isinstance(err, OSError) else _os_message(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _debug(args)
+        print("error: interrupted; checkpoints on disk are intact", file=sys.stderr)
+        return 130
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        _debug(args)
+        addr = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+        reason = str(err).strip().splitlines()[0]
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()} (coordinator "
+            f"{addr}) lost contact with its peers: another process failed or became "
+            f"unreachable ({reason}). Checkpoints on disk are intact; resume all processes "
+            "with --resume.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _debug(args: Any) -> None:
+    """With --debug, the traceback of the exception being handled."""
+    if args.debug:
+        traceback.print_exc()
+
+
+def _os_message(err: OSError) -> str:
+    where = f" ({err.filename})" if err.filename else ""
+    return f"{err.strerror or err}{where}"
