@@ -13,8 +13,9 @@ import argparse
 import os
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -144,9 +145,8 @@ def parser() -> argparse.ArgumentParser:
         prog=_prog(),
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-            prog, max_help_position=30
-        ),
+        # Raw: the epilog's examples keep their lines; flags' help is still wrapped.
+        formatter_class=partial(argparse.RawDescriptionHelpFormatter, max_help_position=30),
     )
     net = p.add_argument_group("network")
     net.add_argument(
@@ -379,7 +379,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _debug(args: Any) -> None:
+def _debug(args: argparse.Namespace) -> None:
     """With --debug, the traceback of the exception being handled."""
     if args.debug:
         traceback.print_exc()
