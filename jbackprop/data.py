@@ -17,12 +17,12 @@ so the caller decides on device placement.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from jbackprop.io import fsync_dir
+from jbackprop.io import atomic_file, fsync_dir
 
 __all__ = [
     "CHECKSUMS",
@@ -407,29 +407,20 @@ def _fetch_into(url: str, out: BinaryIO, label: str, progress: bool) -> None:
 
 
 def _fetch_file(url: str, final: Path, spec: FileSpec, progress: bool) -> None:
-    """Download to a temp file beside ``final``, verify, fsync, then rename into place."""
+    """Download to a temp file beside ``final``, verify, then move it into place."""
     target = final.parent
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=target, prefix=f".{final.name}.", suffix=".part")
-    except OSError as exc:
-        raise _disk_error(target, exc) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            _fetch_into(url, out, final.name, progress)
-            out.flush()
-            os.fsync(out.fileno())
+
+    def verify(tmp: Path) -> None:
         try:
             _verify(final, _decompress(tmp, shown=url), (spec,))
         except DataError as exc:
             raise _MirrorFailure(f"{url} gave a corrupt file: {exc}") from exc
-        os.replace(tmp, final)
+
+    try:
+        with atomic_file(final, suffix=".part", check=verify) as out:
+            _fetch_into(url, out, final.name, progress)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _disk_error(target, exc) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def download(
@@ -449,10 +440,34 @@ def download(
     bases = list(MIRRORS[dataset] if mirrors is None else mirrors)
     if not bases:
         raise DataError(f"no mirrors given to download {dataset} from")
+    created = _missing_parents(target)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _disk_error(target, exc) from exc
+    try:
+        _download_files(dataset, target, bases, progress)
+    except BaseException:
+        # Leave no empty folders behind that a later lookup would mistake for the data set.
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    fsync_dir(target)
+    return target
+
+
+def _missing_parents(target: Path) -> list[Path]:
+    """``target`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (target, *target.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _download_files(dataset: str, target: Path, bases: list[str], progress: bool) -> None:
     for name in FILES:
         final = target / name
         if final.is_file():
@@ -469,8 +484,6 @@ def download(
                     print(f"jbackprop: {exc}; trying the next mirror", file=sys.stderr)
         else:
             raise DataError(f"could not download {name}: " + "; ".join(failures))
-    fsync_dir(target)
-    return target
 
 
 # ---------------------------------------------------------------------------- loading

@@ -13,11 +13,13 @@ the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -27,29 +29,53 @@ from safetensors.numpy import load, save
 
 from jbackprop import checks
 from jbackprop.model import Model, Params
-from jbackprop.training import TrainState
+from jbackprop.state import TrainState
 
-__all__ = ["load_checkpoint", "load_params", "save_checkpoint", "save_params"]
+__all__ = [
+    "atomic_file",
+    "atomic_write",
+    "load_checkpoint",
+    "load_params",
+    "save_checkpoint",
+    "save_params",
+]
 
 FORMAT = "jbackprop.params/1"
 CHECKPOINT_FORMAT = "jbackprop.checkpoint/1"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is never left half-written."""
+@contextlib.contextmanager
+def atomic_file(
+    path: str | os.PathLike, suffix: str = ".tmp", check: Callable[[Path], None] | None = None
+) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path`` for writing; on a clean exit, flush it to disk,
+    run ``check`` on the temporary path (downloads verify their checksum there) and rename
+    it over ``path``; on any exception, delete it.
+
+    ``path`` is therefore never left half-written: a crash at any instant leaves either
+    the old file or the new one.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> what open() gives
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _umask() -> int:
@@ -80,11 +106,34 @@ def _param_tensors(params: Params) -> dict[str, np.ndarray]:
     }
 
 
+# safetensors' NumPy reader has no bfloat16, so those tensors are stored as their raw
+# 16 bits and named in the metadata, to be viewed back as bfloat16 when read.
+_BF16_KEY = "bfloat16_tensors"
+
+
+def _encode(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    bf16 = sorted(k for k, v in tensors.items() if v.dtype == jnp.bfloat16)
+    raw = {k: (v.view(np.uint16) if k in bf16 else v) for k, v in tensors.items()}
+    return raw, ({_BF16_KEY: json.dumps(bf16)} if bf16 else {})
+
+
+def _decode(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> dict[str, np.ndarray]:
+    for k in json.loads(meta.get(_BF16_KEY, "[]")):
+        if k in tensors:
+            tensors[k] = tensors[k].view(jnp.bfloat16)
+    return tensors
+
+
+def _save(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+    raw, extra = _encode(tensors)
+    atomic_write(path, save(raw, metadata=meta | extra))
+
+
 def save_params(path: str | os.PathLike, params: Params, model: Model) -> Path:
     """Save ``params`` with ``model``'s configuration to ``path`` (safetensors)."""
     checks.check_params(params, model)
     meta = {"format": FORMAT, "model": json.dumps(model.to_dict())}
-    atomic_write(path, save(_param_tensors(params), metadata=meta))
+    _save(path, _param_tensors(params), meta)
     return Path(path)
 
 
@@ -104,7 +153,7 @@ def _read(path: str | os.PathLike, what: str) -> tuple[dict[str, np.ndarray], di
         raise ValueError(
             f"{path} is not a valid {what} file (corrupt or truncated safetensors): {err}"
         ) from None
-    return tensors, meta
+    return _decode(tensors, meta), meta
 
 
 def _model_from(meta: dict[str, str], path: Path, fmt: str) -> Model:
@@ -182,7 +231,7 @@ def save_checkpoint(
         "history": json.dumps(list(state.history)),
         "key_impl": str(jax.random.key_impl(key)) if _typed(key) else "",
     }
-    atomic_write(path, save(tensors, metadata=meta))
+    _save(path, tensors, meta)
     return Path(path)
 
 

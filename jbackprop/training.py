@@ -27,7 +27,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -41,6 +40,7 @@ from jbackprop import checks
 from jbackprop.checks import Data, like, prepare
 from jbackprop.model import Model, Params
 from jbackprop.network import feedforward, minibatch_grad, objective
+from jbackprop.state import TrainState
 
 __all__ = [
     "TrainState",
@@ -63,22 +63,6 @@ class TrainingDiverged(FloatingPointError):
             "The learning rate eta is probably too large for this network; try a smaller one "
             "(e.g. a tenth of it)."
         )
-
-
-@dataclass(frozen=True)
-class TrainState:
-    """Everything needed to continue training after ``epoch`` epochs.
-
-    ``best_params`` are the parameters of the epoch with the best validation accuracy so
-    far (the current ones when there is no validation set).
-    """
-
-    params: Params
-    opt_state: Any
-    epoch: int
-    history: tuple[dict[str, float], ...] = ()
-    best_params: Params | None = None
-    best_epoch: int = 0
 
 
 # --- evaluation -----------------------------------------------------------------------

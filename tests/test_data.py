@@ -11,6 +11,7 @@ import http.server
 import os
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -410,7 +411,7 @@ def test_unwritable_cache(
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(data.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(data.DataError, match=rf"cannot save .* in {tmp_path}: permission denied"):
         data.download("mnist", tmp_path, mirrors=[serve(gz_files(tiny))], progress=False)
 
@@ -425,3 +426,13 @@ def test_full_disk(
     with pytest.raises(data.DataError, match="no space left on device: the disk is full"):
         data.download("mnist", tmp_path, mirrors=[serve(gz_files(tiny))], progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_download_leaves_no_empty_folder(
+    tmp_path: Path, tiny: dict[str, bytes], serve: Callable
+) -> None:
+    base = serve({})  # every file is missing on the mirror
+    target = tmp_path / "cache" / "jbackprop" / "mnist"
+    with pytest.raises(data.DataError, match="could not download"):
+        data.download("mnist", target, mirrors=[base], progress=False)
+    assert not (tmp_path / "cache").exists()
