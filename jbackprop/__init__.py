@@ -10,6 +10,7 @@ The lecture's equations as pure functions over explicit parameter pytrees::
 
 from jbackprop import (
     activations,
+    attribution,
     costs,
     curvature,
     data,
@@ -19,6 +20,7 @@ from jbackprop import (
     stats,
     training,
 )
+from jbackprop.attribution import empirical_ntk, grad_gram
 from jbackprop.curvature import diag_ggn
 from jbackprop.io import load_params, save_params
 from jbackprop.model import Model, Params
@@ -48,6 +50,7 @@ __all__ = [
     "TrainingDiverged",
     "accuracy",
     "activations",
+    "attribution",
     "backprop",
     "clipped_grad",
     "cost",
@@ -55,11 +58,13 @@ __all__ = [
     "curvature",
     "data",
     "diag_ggn",
+    "empirical_ntk",
     "evaluate",
     "fit",
     "fit_many",
     "forward",
     "grad",
+    "grad_gram",
     "grad_stats",
     "init_params",
     "interop",
