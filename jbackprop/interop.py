@@ -400,7 +400,7 @@ def _flax_params(tree: Any) -> Any:
     if nnx is not None and isinstance(tree, nnx.Module):
         return nnx.to_pure_dict(nnx.state(tree, nnx.Param))
     if nnx is not None and isinstance(tree, nnx.State):
-        return nnx.to_pure_dict(tree.filter(nnx.Param))
+        return nnx.to_pure_dict(nnx.filter_state(tree, nnx.Param))
     return tree
 
 
@@ -463,7 +463,7 @@ def to_flax(params: Params, like: Any, *, layers: LayerNames | None = None) -> A
         graphdef, state, rest = nnx.split(like, nnx.Param, ...)
         return nnx.merge(graphdef, to_flax(params, state, layers=layers), rest)
     if nnx is not None and isinstance(like, nnx.State):
-        pure = _to_dict(params, nnx.to_pure_dict(like.filter(nnx.Param)), _FLAX, layers)
+        pure = _to_dict(params, nnx.to_pure_dict(nnx.filter_state(like, nnx.Param)), _FLAX, layers)
         state = jax.tree.map(lambda x: x, like)  # a copy: replace_by_pure_dict works in place
         nnx.replace_by_pure_dict(state, pure)
         return state
