@@ -455,7 +455,7 @@ def to_flax(params: Params, like: Any, *, layers: LayerNames | None = None) -> A
     Returns:
       ``like``'s structure (same mapping types, key order and dtypes) holding ``params``:
       a linen dict, a new ``nnx.State`` or a new ``nnx.Module`` (sharing ``like``'s
-      non-parameter state). ``to_flax(*from_flax(p, ...)[:1], like=p)`` equals ``p`` bit
+      non-parameter state). ``to_flax(from_flax(p, ...)[0], like=p)`` equals ``p`` bit
       for bit. Traceable, so it can sit inside a jitted loss.
     """
     nnx = _nnx()
