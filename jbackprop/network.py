@@ -75,7 +75,10 @@ def feedforward(params: Params, x: Array, model: Model, masks=None):
     """
     zs, acts = [], [x]
     for l, layer in enumerate(params, start=1):
-        z = acts[-1] @ layer["w"].T + layer["b"]
+        # z = w a + b on the columns aᵀ, as eq 3 writes it: w stays the left operand, so
+        # XLA never copies a transposed w (which costs a pass over w¹ per step when many
+        # models are vmapped).
+        z = (layer["w"] @ acts[-1].T).T + layer["b"]
         a = model.activation(l)(z)
         if masks is not None and l < model.num_layers:
             a = a * masks[l - 1]
