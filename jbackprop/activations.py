@@ -8,6 +8,12 @@ and the parameter, so ``leaky_relu(0.2) == leaky_relu(0.2)`` and jit does not re
 Softmax is the one activation that is not elementwise: its Jacobian is
 ``diag(p) - p pᵀ``, so it offers :meth:`Activation.backward` (a Jacobian-transpose
 product) instead of an elementwise ``prime``. It is allowed only on the output layer.
+
+The activations: :data:`sigmoid`, :data:`tanh`, :data:`relu` (``f'(0) = 0``),
+:data:`softplus`, :data:`identity`, :data:`softmax` (over the last axis) and
+:func:`leaky_relu` ``(slope)``. Each maps an array ``z`` of any shape whose last axis is
+the layer's units to an array of the same shape and dtype. Sigmoid and softplus are
+computed stably: a large ``|z|`` never overflows.
 """
 
 from __future__ import annotations
@@ -40,7 +46,15 @@ class Activation:
 
     ``fn(z)`` is ``f``; ``prime(z)`` is ``f'`` evaluated elementwise (``None`` for
     softmax). ``backward(z, g)`` returns ``g ⊙ f'(z)``, the product eqs 6 and 8 need,
-    which for softmax is ``Jᵀ g`` instead.
+    which for softmax is ``Jᵀ g`` instead. Calling the activation, ``f(z)``, is ``fn(z)``.
+
+    Use the module's instances and :func:`leaky_relu` rather than building one.
+
+    Attributes:
+      name: e.g. ``"sigmoid"``; with ``param``, what equality and hashing compare.
+      param: the activation's parameter (``leaky_relu``'s slope), or None.
+      fn: ``f``, array ``(..., n_l)`` to array of the same shape and dtype.
+      prime: ``f'`` elementwise, same shape and dtype as ``z``; None for softmax.
     """
 
     name: str
@@ -50,6 +64,7 @@ class Activation:
 
     @property
     def elementwise(self) -> bool:
+        """Whether ``f`` acts unit by unit (every activation but softmax)."""
         return self.prime is not None
 
     @property
@@ -61,7 +76,15 @@ class Activation:
         return self.fn(z)
 
     def backward(self, z: Array, g: Array) -> Array:
-        """``g ⊙ f'(z)`` (eqs 6, 8); for softmax ``(diag(p) - p pᵀ) g`` over the last axis."""
+        """``g ⊙ f'(z)`` (eqs 6, 8); for softmax ``(diag(p) - p pᵀ) g`` over the last axis.
+
+        Args:
+          z: pre-activations ``(..., n_l)``.
+          g: the gradient with respect to ``a = f(z)``, broadcasting against ``z``.
+
+        Returns:
+          ``∂/∂z`` of the same quantity, the broadcast shape of ``z`` and ``g``.
+        """
         if self.prime is not None:
             return g * self.prime(z)
         p = self.fn(z)
@@ -95,7 +118,18 @@ softmax = Activation("softmax", fn=lambda z: jax.nn.softmax(z, axis=-1))
 
 
 def leaky_relu(slope: float = 0.01) -> Activation:
-    """``max(z, slope·z)`` with ``0 <= slope <= 1``; ``f'(z) = 1`` for ``z > 0`` else ``slope``."""
+    """``max(z, slope·z)`` with ``0 <= slope <= 1``; ``f'(z) = 1`` for ``z > 0`` else ``slope``.
+
+    Args:
+      slope: the lecture's ``a``, the slope for ``z <= 0``.
+
+    Returns:
+      The :class:`Activation`, spec ``"leaky_relu(<slope>)"``; equal slopes give equal
+      (and equally hashed) activations.
+
+    Raises:
+      ValueError: ``slope`` is outside ``[0, 1]``.
+    """
     slope = float(slope)
     if not 0.0 <= slope <= 1.0:
         raise ValueError(f"leaky_relu slope must be in [0, 1], got {slope}")
@@ -113,12 +147,27 @@ _BY_NAME = {a.name: a for a in (sigmoid, tanh, relu, softplus, identity, softmax
 
 
 def names() -> tuple[str, ...]:
-    """The activation names :func:`get` accepts."""
+    """The activation names :func:`get` accepts.
+
+    Returns:
+      A tuple of names; ``"leaky_relu"`` means slope 0.01, ``"leaky_relu(0.2)"`` another.
+    """
     return tuple(_BY_NAME)
 
 
 def get(spec: str | Activation) -> Activation:
-    """Look an activation up by name (``"relu"``) or spec (``"leaky_relu(0.2)"``)."""
+    """Look an activation up by name (``"relu"``) or spec (``"leaky_relu(0.2)"``).
+
+    Args:
+      spec: a name from :func:`names`, a ``"leaky_relu(slope)"`` spec, or an
+        :class:`Activation` (returned as it is).
+
+    Returns:
+      The :class:`Activation`.
+
+    Raises:
+      ValueError: an unknown name or a bad slope.
+    """
     if isinstance(spec, Activation):
         return spec
     if not isinstance(spec, str):

@@ -14,6 +14,10 @@ outer product has that expectation (for the Monte-Carlo estimate).
 Every value is computed from ``z^L``, never from ``a^L``: log-sigmoid and log-softmax
 replace ``ln a`` and ``ln(1 - a)``, so no ``ln 0`` occurs and saturated outputs give finite
 costs.
+
+The costs: :data:`quadratic` ``½‖a^L - y‖²`` (the ½ makes eq 6 exact; any output),
+:data:`cross_entropy` ``-Σ_i [y_i ln a_i + (1 - y_i) ln(1 - a_i)]`` (sigmoid or softmax
+output) and :data:`log_likelihood` ``-ln a^L_y`` (softmax output).
 """
 
 from __future__ import annotations
@@ -41,7 +45,25 @@ __all__ = [
 @dataclass(frozen=True)
 class Cost:
     """A per-example cost with its ``δ^L`` and output curvature; ``check(f)`` refuses
-    meaningless pairings."""
+    meaningless pairings.
+
+    Every function takes ``z = z^L`` of shape ``(..., n_L)``, targets ``y`` of the same
+    shape (one-hot rows for class labels) and the output activation ``f``, and works row
+    by row over the leading axes. Use the module's instances rather than building one.
+
+    Attributes:
+      name: ``"quadratic"``, ``"cross_entropy"`` or ``"log_likelihood"``.
+      fn: ``fn(z, y, f)``, the cost ``C_x`` of each row, shape ``(...)``.
+      delta: ``delta(z, y, f)``, ``δ^L = ∂C_x/∂z^L`` (eqs 6-7), shape ``(..., n_L)``.
+      check: ``check(f)`` returns None, or raises ``ValueError`` when the cost makes no
+        sense with output ``f``.
+      curvature: ``curvature(z, y, f)`` returns ``(cols, h)``: ``cols`` of shape
+        ``(..., n_L, n_L)`` whose row ``c`` is ``u_c``, and weights ``h`` of shape
+        ``(..., n_L)``, with ``Σ_c h_c u_c u_cᵀ = J_fᵀ H J_f`` (see the module docstring).
+      sample_delta: ``sample_delta(z, y, f, key)`` returns ``(δ, weight)``: one random
+        ``δ^L`` per row, ``(..., n_L)``, and a weight ``(..., 1)`` or None (meaning 1),
+        with ``E[weight δ δᵀ] = J_fᵀ H J_f``.
+    """
 
     name: str
     fn: Callable[[Array, Array, Activation], Array] = field(compare=False, repr=False)
@@ -90,7 +112,15 @@ def _quadratic_sample(z: Array, y: Array, f: Activation, key: Array):
 
 
 def log_a_and_log_1ma(z: Array, f: Activation) -> tuple[Array, Array]:
-    """``ln a`` and ``ln(1 - a)`` straight from ``z``, for sigmoid or softmax outputs."""
+    """``ln a`` and ``ln(1 - a)`` straight from ``z``, for sigmoid or softmax outputs.
+
+    Args:
+      z: output pre-activations ``z^L``, ``(..., n_L)``.
+      f: the output activation, ``sigmoid`` or ``softmax`` (any other is read as softmax).
+
+    Returns:
+      ``(ln a, ln(1 - a))``, each the shape and dtype of ``z``, with no ``ln 0`` taken.
+    """
     if f.name == "sigmoid":
         return jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
     # softmax: 1 - a_i is the probability of every other class, Σ_{j≠i} e^{z_j} / Σ_j e^{z_j}.
@@ -222,12 +252,26 @@ _BY_NAME = {c.name: c for c in (quadratic, cross_entropy, log_likelihood)}
 
 
 def names() -> tuple[str, ...]:
-    """The cost names :func:`get` accepts."""
+    """The cost names :func:`get` accepts.
+
+    Returns:
+      ``("quadratic", "cross_entropy", "log_likelihood")``.
+    """
     return tuple(_BY_NAME)
 
 
 def get(name: str | Cost) -> Cost:
-    """Look a cost up by name."""
+    """Look a cost up by name.
+
+    Args:
+      name: a name from :func:`names`, or a :class:`Cost` (returned as it is).
+
+    Returns:
+      The :class:`Cost`.
+
+    Raises:
+      ValueError: an unknown name.
+    """
     if isinstance(name, Cost):
         return name
     if name not in _BY_NAME:
