@@ -4,8 +4,10 @@ and the few small functions several modules share.
 Shapes are checked always (they are known even under ``jax.jit``); values (label range,
 finiteness, ``n > 0``, hyperparameters) only when they are concrete. Each failure is a
 ``ValueError`` that names the argument, what it got and what was expected, instead of a
-shape error from deep inside XLA. This is the one module whose names other modules of the
-library may import freely; it is not part of the public API.
+shape error from deep inside XLA. Integer labels that are traced cannot be range-checked,
+so an out-of-range one becomes a row of NaN instead of a silent zero gradient. This is the
+one module whose names other modules of the library may import freely; it is not part of
+the public API.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
 
 
 def is_concrete(x: Any) -> bool:
+    """Whether ``x`` has a value now (is not a tracer), so its value can be checked."""
     return not isinstance(x, jax.core.Tracer)
 
 

@@ -9,8 +9,17 @@ function of the library is pure.
 A ``Model`` is also a pytree whose leaves are ``l2``, ``l1`` and ``dropout``: passed to a
 jitted function they are traced values, so changing λ does not recompile, and a batch of
 models with stacked hyperparameters can be ``jax.vmap``-ed over. The architecture (the
-pytree's static part) decides the compiled program. It is hashable too, so it can still
-be a static argument of a user's own ``jax.jit``.
+pytree's static part: sizes, activations, cost and :attr:`Model.has_dropout`) decides the
+compiled program. It is hashable too, so it can still be a static argument of a user's own
+``jax.jit``.
+
+Where the split matters:
+
+* A new ``l2``, ``l1`` or dropout rate (``dataclasses.replace(model, l2=1.0)``) reuses every
+  compiled program; new sizes, activations or cost compile new ones. So does switching
+  dropout on or off: a rate of 0 and a rate above 0 are different architectures.
+* A ``Model`` is validated when it is built; models rebuilt from their leaves inside
+  ``jax.jit`` or ``jax.vmap`` are not (their leaves may be tracers or stacked arrays).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from jbackprop.costs import Cost
 __all__ = ["Model", "Params", "architecture"]
 
 Params = tuple[dict[str, Array], ...]
-"""One ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer ``l = 1..L``."""
+"""One ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer ``l = 1..L``, all of one
+floating dtype; a list of such dicts is accepted too, and results then come back as lists."""
 
 
 def _nonnegative(name: str, value: Any, below_one: bool = False) -> float:
@@ -57,14 +67,20 @@ class Model:
         ``"log_likelihood"`` (needs a softmax output).
       l2: ``λ`` of the L2 term ``λ/(2n) Σ w²`` (eq 12).
       l1: ``λ`` of the L1 term ``λ/n Σ |w|``.
-      dropout: probability of switching a hidden unit off during training.
+      dropout: probability of switching a hidden unit off during training, in ``[0, 1)``.
 
     Activation and cost names are resolved to their objects when the model is built, so
     ``model.hidden`` is an :class:`~jbackprop.activations.Activation`. ``sizes``, the
     activations, the cost and :attr:`has_dropout` are the static architecture; ``l2``,
-    ``l1`` and ``dropout`` are the pytree's leaves (see the module docstring). Stacking
-    models for ``jax.vmap`` needs equal architectures: give every model a dropout rate above
-    zero, or none.
+    ``l1`` and ``dropout`` are the pytree's leaves (see the module docstring), traced inside
+    ``jax.jit``, so changing them does not recompile. Stacking models for ``jax.vmap``
+    needs equal architectures: give every model a dropout rate above zero, or none.
+
+    Raises:
+      ValueError: a size is not a positive integer or there are fewer than two; an
+        activation or cost is unknown; softmax is asked for the hidden layers or for fewer
+        than 2 outputs; the cost does not fit the output (``log_likelihood`` needs softmax,
+        ``cross_entropy`` sigmoid or softmax); ``l2``, ``l1`` or ``dropout`` is out of range.
     """
 
     sizes: tuple[int, ...]
@@ -101,7 +117,10 @@ class Model:
 
     @property
     def has_dropout(self) -> bool:
-        """Whether hidden units are dropped in training: static, unlike the rate itself."""
+        """Whether hidden units are dropped in training: static, unlike the rate itself.
+
+        True when ``dropout > 0`` and the network has a hidden layer; functions then need a
+        ``key`` for the masks."""
         return self._has_dropout
 
     @property
@@ -115,11 +134,24 @@ class Model:
         return len(self.sizes) - 1
 
     def activation(self, l: int) -> Activation:
-        """The activation of layer ``l`` (1-based, as in the lecture)."""
+        """The activation of layer ``l`` (1-based, as in the lecture).
+
+        Args:
+          l: the layer, ``1..L``.
+
+        Returns:
+          :attr:`output` for ``l = L``, :attr:`hidden` otherwise.
+        """
         return self.output if l == self.num_layers else self.hidden
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description that :meth:`from_dict` turns back into this model."""
+        """A JSON-ready description that :meth:`from_dict` turns back into this model.
+
+        Returns:
+          ``{"sizes": [...], "hidden": spec, "output": spec, "cost": name, "l2": ...,
+          "l1": ..., "dropout": ...}``, activations as their spec strings (e.g.
+          ``"leaky_relu(0.2)"``); the leaves are Python floats for a model built in Python.
+        """
         return {
             "sizes": list(self.sizes),
             "hidden": self.hidden.spec,
@@ -132,7 +164,18 @@ class Model:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> Model:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Args:
+          config: a dict with the keys of :meth:`to_dict`; ``"sizes"`` is required, the
+            others default as in ``Model``.
+
+        Returns:
+          The validated ``Model``.
+
+        Raises:
+          ValueError: an unknown key, or a configuration ``Model`` refuses.
+        """
         known = {"sizes", "hidden", "output", "cost", "l2", "l1", "dropout"}
         unknown = set(config) - known
         if unknown:
@@ -165,6 +208,14 @@ def architecture(model: Model, dropout: bool | None = None) -> Model:
     Lets models whose rates differ, some of them zero, share one architecture (and one
     compiled program) by switching dropout on for all of them: a rate of 0 then keeps
     every unit.
+
+    Args:
+      model: the model; its leaves may be traced or stacked.
+      dropout: ``True`` or ``False`` sets :attr:`Model.has_dropout` (it stays ``False``
+        for a network without a hidden layer); ``None`` keeps the model's.
+
+    Returns:
+      A ``Model`` with the same sizes, activations, cost and leaves, not validated again.
     """
     leaves, (sizes, hidden, output, cost, has) = _flatten(model)
     has = has if dropout is None else bool(dropout) and len(sizes) > 2
