@@ -1,15 +1,36 @@
 """The network: initialisation, the forward pass (eqs 1-3) and backpropagation (eqs 5-10).
 
 Every equation is written once, on arrays whose last axis is the layer's units, so the
-same lines serve one example (``x: (n_0,)``) and a minibatch (``x: (m, n_0)``): ``z = a wᵀ + b``
-is eq 3 applied to every row. The minibatch gradient never stores per-example gradients:
-the mean of the outer products ``δ_i a_iᵀ`` (eq 10) is one matrix product ``δᵀ a / m``.
+same lines serve one example (``x: (n_0,)``) and a minibatch (``x: (m, n_0)``): eq 3,
+``z = w a + b``, is applied to every row ``a`` of the minibatch. The minibatch gradient
+never stores per-example gradients: the mean of the outer products ``δ_i a_iᵀ`` (eq 10) is
+one matrix product ``δᵀ a / m``.
 
-Public functions check their arguments in Python and then call jitted kernels. The
-:class:`~jbackprop.Model` enters them as a pytree: its architecture picks the compiled
+There is one forward pass, :func:`feedforward`, and one backward pass,
+``backward(params, zs, delta_L, model, masks)`` (eq 8 from a given ``δ^L``); the public
+functions here and the quantities of :mod:`jbackprop.privacy`, :mod:`jbackprop.stats`,
+:mod:`jbackprop.curvature` and :mod:`jbackprop.attribution` all reuse them.
+
+Conventions of the public functions (and of those built on them):
+
+* ``params``: a tuple (or list) with one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per
+  layer ``l = 1..L``. Its dtype (that of ``params[0]["w"]``) is the dtype of the
+  computation: inputs and targets are cast to it. Gradients come back with the structure
+  of ``params``, as lists where ``params`` is a list, as ``jax.grad`` gives them.
+* ``X: (m, n_0)``, a minibatch of inputs; ``Y``, its integer class labels ``(m,)``
+  (one-hot encoded inside) or target vectors ``(m, n_L)``.
+* ``n``: the training-set size of eqs 12-15, not the minibatch size; required when
+  ``model.l2`` or ``model.l1`` is on.
+* ``key``: the PRNG key drawing the dropout masks; required when ``model.has_dropout``,
+  ignored otherwise. Example ``i`` of a minibatch uses ``jax.random.split(key, m)[i]``,
+  so every function draws the same masks from the same key.
+
+Public functions check their arguments in Python and then call jitted kernels; a bad
+argument is a ``ValueError`` naming it. The :class:`~jbackprop.Model` enters them as a
+pytree: its architecture (sizes, activations, cost, ``has_dropout``) picks the compiled
 program, while ``l2``, ``l1`` and the dropout rate are traced values, so changing them does
 not recompile. The kernels are fast when called eagerly and cost nothing extra inside a
-user's own ``jax.jit``.
+user's own ``jax.jit``, where the model can be an ordinary (traced) argument.
 """
 
 from __future__ import annotations
@@ -50,6 +71,20 @@ def init_params(
     starts with unit variance and sigmoid units do not saturate; ``"normal"`` draws them
     from ``N(0, 1)``, the book's chapter-1 choice. Biases are ``N(0, 1)`` in both schemes,
     as in the book (the lecture allows any start for biases).
+
+    Args:
+      key: a PRNG key (``jax.random.key(0)`` or a raw ``jax.random.PRNGKey(0)``); layer
+        ``l`` draws from ``jax.random.split(key, L)[l - 1]``.
+      model: the :class:`~jbackprop.Model`; only its ``sizes`` matter.
+      scheme: ``"scaled"`` or ``"normal"``, as above.
+      dtype: the floating dtype of every leaf (``jnp.float32`` by default).
+
+    Returns:
+      A tuple with one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer ``l = 1..L``,
+      every leaf of ``dtype``.
+
+    Raises:
+      ValueError: ``scheme`` is unknown, or ``model`` is not a ``Model``.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"init_params: unknown scheme {scheme!r}; expected one of {SCHEMES}")
@@ -72,6 +107,17 @@ def feedforward(params: Params, x: Array, model: Model, masks=None):
     """Eq 3 layer by layer, keeping every ``z^l`` and ``a^l`` (``a^0 = x``) for backprop.
 
     With dropout, hidden activations are multiplied by their inverted-dropout masks.
+    Unchecked: the public functions have validated the arguments and cast ``x``.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer.
+      x: ``(n_0,)`` or ``(m, n_0)``.
+      model: gives each layer's activation.
+      masks: ``[(..., n_l) for l = 1..L-1]`` from :func:`batch_masks`, or None.
+
+    Returns:
+      ``(zs, acts)``: ``zs = [z^1, ..., z^L]`` and ``acts = [a^0, ..., a^L]``, each of shape
+      ``(..., n_l)`` with the leading axes of ``x``.
     """
     zs, acts = [], [x]
     for l, layer in enumerate(params, start=1):
@@ -94,6 +140,17 @@ def backward(params: Params, zs, delta_L: Array, model: Model, masks=None) -> li
     start from another one (a column of the output Hessian's root for the Gauss-Newton, a
     unit vector for the neural tangent kernel). Arrays may carry extra axes before the unit
     axis, as long as ``zs`` and ``masks`` broadcast against ``δ^L``.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer (a tuple).
+      zs: ``[z^1, ..., z^L]`` from :func:`feedforward`, ``z^l`` of shape ``(..., n_l)``.
+      delta_L: the starting ``δ^L``, ``(..., n_L)``.
+      model: gives the hidden activation's ``f'``.
+      masks: the dropout masks the forward pass used, ``[(..., n_l) for l = 1..L-1]``, or
+        None; eq 8 must use the same ones.
+
+    Returns:
+      ``[δ^1, ..., δ^L]``, ``δ^l`` of shape ``(..., n_l)``.
     """
     deltas = [delta_L]
     for l in range(model.num_layers - 1, 0, -1):
@@ -222,6 +279,19 @@ def forward(params: Params, x: Array, model: Model) -> Array:
     """The output ``a^L`` for input ``x`` of shape ``(n_0,)`` or ``(m, n_0)`` (eq 3).
 
     This is inference: dropout is off (inverted dropout needs no rescaling here).
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      x: one input ``(n_0,)`` or a batch ``(m, n_0)``; cast to the params' dtype.
+      model: the :class:`~jbackprop.Model`; its ``l2``, ``l1`` and dropout rate play no part.
+
+    Returns:
+      ``a^L`` of shape ``(n_L,)`` or ``(m, n_L)``, following ``x``, in the params' dtype.
+      With a softmax output the rows are class probabilities; the best guess is the
+      ``argmax`` over the last axis.
+
+    Raises:
+      ValueError: ``params`` or ``x`` does not fit the model's sizes.
     """
     checks.check_model(model)
     checks.check_params(params, model)
@@ -232,9 +302,27 @@ def forward(params: Params, x: Array, model: Model) -> Array:
 def backprop(params: Params, x: Array, y: Array, model: Model, key: Array | None = None) -> Params:
     """``∂C_x/∂p`` for ONE example by eqs 5-10, unregularised.
 
-    ``x`` has shape ``(n_0,)``; ``y`` is a target vector ``(n_L,)`` or an integer label.
-    ``key`` draws this example's dropout masks; the forward pass and eq 8 use the same
-    masks.
+    A forward pass keeping every ``z^l`` (eq 3), ``δ^L`` by eq 6 or 7, ``δ^l`` backwards by
+    eq 8, then ``∂C_x/∂b^l = δ^l`` (eq 9) and ``∂C_x/∂w^l = δ^l (a^{l-1})ᵀ`` (eq 10). There
+    is no L1/L2 term: the regulariser belongs to the whole cost (see :func:`grad`).
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      x: one input, ``(n_0,)``.
+      y: its target vector ``(n_L,)`` or its integer class label (shape ``()``).
+      model: the :class:`~jbackprop.Model`.
+      key: PRNG key drawing this example's dropout masks; the forward pass and eq 8 use
+        the same masks. Required when ``model.has_dropout``, ignored otherwise. With
+        ``key=jax.random.split(k, m)[i]`` the result is example ``i`` of
+        ``per_example_grads(..., key=k)``.
+
+    Returns:
+      ``∂C_x/∂p`` with the structure of ``params`` (a tuple of
+      ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dicts, a list when ``params`` is a list), in
+      the params' dtype.
+
+    Raises:
+      ValueError: a shape, a label or ``key`` does not fit the model.
     """
     checks.check_model(model)
     checks.check_params(params, model)
@@ -254,13 +342,31 @@ def per_example_grads(
 ) -> Params:
     """``jax.vmap`` of :func:`backprop`: each leaf gains a leading axis of size ``m``.
 
-    Example ``i`` uses dropout key ``jax.random.split(key, m)[i]``, the same masks
-    :func:`grad` and :func:`cost` use. ``chunk_size`` bounds the memory of the
-    intermediates: examples are processed that many at a time (the result itself still
-    holds ``m`` gradients). It trades time for memory (about 1.3-2x slower on a CPU); pick a
-    divisor of ``m``, since a remainder costs a second pass. To reduce stored per-example
-    gradients over the examples, prefer ``jnp.ones(m) @ g.reshape(m, -1)`` to
-    ``g.sum(0)``: XLA's CPU reductions over a leading axis are far slower than the product.
+    The gradients are unregularised (eqs 5-10 per example), so there is no ``n``. To
+    reduce stored per-example gradients over the examples, prefer
+    ``jnp.ones(m) @ g.reshape(m, -1)`` to ``g.sum(0)``: XLA's CPU reductions over a leading
+    axis are far slower than the product.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      X: inputs ``(m, n_0)``.
+      Y: integer class labels ``(m,)`` or target vectors ``(m, n_L)``.
+      model: the :class:`~jbackprop.Model`.
+      key: PRNG key drawing the dropout masks: example ``i`` uses
+        ``jax.random.split(key, m)[i]``, the same masks :func:`grad` and :func:`cost` use.
+        Required when ``model.has_dropout``, ignored otherwise.
+      chunk_size: bounds the memory of the intermediates: examples are processed that
+        many at a time (the result itself still holds ``m`` gradients). It trades time for
+        memory (about 1.3-2x slower on a CPU); pick a divisor of ``m``, since a remainder
+        costs a second pass. None (the default) processes all ``m`` at once.
+
+    Returns:
+      The structure of ``params`` (a list when ``params`` is a list) with leaves
+      ``{"w": (m, n_l, n_{l-1}), "b": (m, n_l)}``, in the params' dtype; row ``i`` is
+      ``∂C_{x_i}/∂p``.
+
+    Raises:
+      ValueError: a shape, a label, ``key`` or ``chunk_size`` is wrong.
     """
     given, (params, X, Y) = params, checks.batch(params, X, Y, model, None, key, regularised=False)
     chunk = checks.positive_int("chunk_size", chunk_size, allow_none=True)
@@ -273,7 +379,26 @@ def grad(
     """The minibatch gradient: mean of the per-example gradients plus the regulariser's.
 
     Equals ``mean(per_example_grads(...)) + (l2/n) w + (l1/n) sign(w)`` (eqs 9-13), computed
-    as matrix products. ``n`` is the training-set size, required when ``l1`` or ``l2`` is on.
+    as matrix products (``δᵀ a / m`` for eq 10); biases get no regulariser term (eq 16).
+    Fed to ``optax.sgd(eta)`` it gives eq 4's step, which with L2 on is eqs 14-16.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      X: inputs ``(m, n_0)``.
+      Y: integer class labels ``(m,)`` or target vectors ``(m, n_L)``.
+      model: the :class:`~jbackprop.Model`; its ``l2`` and ``l1`` may be traced.
+      n: the training-set size of eqs 12-15 (not ``m``); required when ``l1`` or ``l2``
+        is on, ignored otherwise.
+      key: PRNG key drawing the dropout masks (example ``i`` uses
+        ``jax.random.split(key, m)[i]``); required when ``model.has_dropout``.
+
+    Returns:
+      ``∂C/∂p`` with the structure of ``params`` (a tuple of
+      ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dicts, a list when ``params`` is a list), in
+      the params' dtype.
+
+    Raises:
+      ValueError: a shape, a label, ``n`` or ``key`` is wrong or missing.
     """
     given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
     return checks.like(given, _grad(params, X, Y, model, n, key))
@@ -284,8 +409,23 @@ def cost(
 ) -> Array:
     """The objective :func:`grad` differentiates: ``mean C_x + l2/(2n) Σ w² + l1/n Σ |w|``.
 
-    With the same ``key`` it applies the same dropout masks as :func:`grad`, so
-    ``jax.grad(cost)`` and :func:`grad` agree.
+    Eq 11 with the L2 term of eq 12 and the L1 term, over the minibatch. With the same
+    ``key`` it applies the same dropout masks as :func:`grad`, so ``jax.grad(cost)`` and
+    :func:`grad` agree.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      X: inputs ``(m, n_0)``.
+      Y: integer class labels ``(m,)`` or target vectors ``(m, n_L)``.
+      model: the :class:`~jbackprop.Model`.
+      n: the training-set size of eqs 12-15; required when ``l1`` or ``l2`` is on.
+      key: PRNG key drawing the dropout masks; required when ``model.has_dropout``.
+
+    Returns:
+      The cost, a scalar array (shape ``()``) in the params' dtype.
+
+    Raises:
+      ValueError: a shape, a label, ``n`` or ``key`` is wrong or missing.
     """
     params, X, Y = checks.batch(params, X, Y, model, n, key)
     return _cost(params, X, Y, model, n, key)
@@ -294,6 +434,23 @@ def cost(
 def value_and_grad(
     params: Params, X: Array, Y: Array, model: Model, n: int | None = None, key: Array | None = None
 ) -> tuple[Array, Params]:
-    """:func:`cost` and :func:`grad` from one forward pass."""
+    """:func:`cost` and :func:`grad` from one forward pass.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      X: inputs ``(m, n_0)``.
+      Y: integer class labels ``(m,)`` or target vectors ``(m, n_L)``.
+      model: the :class:`~jbackprop.Model`.
+      n: the training-set size of eqs 12-15; required when ``l1`` or ``l2`` is on.
+      key: PRNG key drawing the dropout masks; required when ``model.has_dropout``.
+
+    Returns:
+      ``(cost, grad)``: the scalar cost (shape ``()``) and the gradient with the structure
+      of ``params``, both in the params' dtype, exactly what :func:`cost` and :func:`grad`
+      return for the same arguments.
+
+    Raises:
+      ValueError: a shape, a label, ``n`` or ``key`` is wrong or missing.
+    """
     given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
     return checks.like(given, _value_and_grad(params, X, Y, model, n, key))
