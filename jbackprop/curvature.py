@@ -6,6 +6,28 @@ square sum ``Σ_i (δ_i a_iᵀ)² = (δ²)ᵀ (a²)`` is one matrix product per 
 (eq 8, :func:`jbackprop.network.backward`) from the columns of a square root of the output
 Hessian, which each cost supplies (``Cost.curvature``), instead of from ``δ^L``, as
 BackPACK's ``DiagGGNExact`` and ``DiagGGNMC`` do.
+
+**Exact** (``mc_samples=None``): write ``J_fᵀ H J_f = Σ_c h_c u_c u_cᵀ`` with ``n_L``
+columns ``u_c`` in ``z^L``-space (``J_f`` is the identity for the ``z^L`` splits), e.g.
+``u_c = e_c - p``, ``h_c = p_c`` for softmax with log-likelihood, since
+``S = diag(√p) - p √pᵀ`` has ``S Sᵀ = diag(p) - p pᵀ``. Each column is backpropagated as a
+``δ^L`` by eq 8 (all columns at once, as BackPACK's ``DiagGGNExact`` does), giving
+``δ^l_c``; then by eqs 9-10 and ``Σ_i (δ_i a_iᵀ)² = (δ²)ᵀ (a²)``,
+``diag_w^l = (1/m) (Σ_c h_c (δ^l_c)²)ᵀ (a^{l-1})²`` and
+``diag_b^l = (1/m) Σ_i Σ_c h_c (δ^l_{ic})²``: one matrix product per layer. Weighting the
+squares by ``h_c`` instead of scaling by ``√h_c`` avoids square roots and keeps ``G`` exact
+even for targets that make ``H`` indefinite. Memory is ``O(m n_L Σ_l n_l)``.
+
+**Monte-Carlo** (``mc_samples=S``, ``mc_key`` required): ``S`` backward passes, each from
+one sampled ``δ^L`` per example with ``E[δ^L δ^Lᵀ] = J_fᵀ H J_f``: targets ``ŷ`` drawn from
+the model's predictive distribution (sigmoid: Bernoulli per unit; softmax with
+log-likelihood: categorical; quadratic: ``ŷ ~ N(a^L, I)``) and ``δ^L = cost.delta(z, ŷ)``
+(eqs 6-7), as in BackPACK's ``DiagGGNMC``. For softmax with cross-entropy, whose ``H``
+depends on the true targets, ``δ^L = Σ_c ε_c √h_c u_c`` with Rademacher ``ε`` (this needs
+``h_c >= 0``, i.e. targets in ``[0, 1]``). The squares are averaged over the samples, so
+the estimate is unbiased and converges to the exact diagonal; memory is ``O(m Σ_l n_l)``
+whatever ``S``. Sample ``s`` uses ``jax.random.fold_in(mc_key, s)``, so a larger ``S``
+reuses a smaller one's samples, and ``S`` is traced, so changing it does not recompile.
 """
 
 from __future__ import annotations
@@ -87,34 +109,44 @@ def diag_ggn(
       targets in ``[0, 1]``. The Hessian in ``z^L`` is *not* PSD here (e.g. ``-ln(1 - p_1)``
       is not convex in ``z`` for three or more classes), so this cost is split at ``a^L``.
 
-    Exact (``mc_samples=None``): write ``J_fᵀ H J_f = Σ_c h_c u_c u_cᵀ`` with ``n_L`` columns
-    ``u_c`` in ``z^L``-space (``J_f`` is the identity for the ``z^L`` splits), e.g.
-    ``u_c = e_c - p``, ``h_c = p_c`` for softmax with log-likelihood, since
-    ``S = diag(√p) - p √pᵀ`` has ``S Sᵀ = diag(p) - p pᵀ``. Each column is backpropagated as
-    a ``δ^L`` by eq 8 (all columns at once, as BackPACK's ``DiagGGNExact`` does), giving
-    ``δ^l_c``; then by eqs 9-10 and ``Σ_i (δ_i a_iᵀ)² = (δ²)ᵀ (a²)``,
-    ``diag_w^l = (1/m) (Σ_c h_c (δ^l_c)²)ᵀ (a^{l-1})²`` and
-    ``diag_b^l = (1/m) Σ_i Σ_c h_c (δ^l_{ic})²``: one matrix product per layer. Weighting
-    the squares by ``h_c`` instead of scaling by ``√h_c`` avoids square roots and keeps
-    ``G`` exact even for targets that make ``H`` indefinite. Memory is ``O(m n_L Σ_l n_l)``.
+    Two modes, each one forward pass and then eq 8's backward pass from other ``δ^L``'s
+    than the cost's (the module docstring derives them):
 
-    Monte-Carlo (``mc_samples=S``, ``mc_key`` required): ``S`` backward passes, each from one
-    sampled ``δ^L`` per example with ``E[δ^L δ^Lᵀ] = J_fᵀ H J_f``: targets ``ŷ`` drawn from the
-    model's predictive distribution (sigmoid: Bernoulli per unit; softmax with
-    log-likelihood: categorical; quadratic: ``ŷ ~ N(a^L, I)``) and ``δ^L = cost.delta(z, ŷ)``
-    (eqs 6-7), as in BackPACK's ``DiagGGNMC``. For softmax with cross-entropy, whose ``H``
-    depends on the true targets, ``δ^L = Σ_c ε_c √h_c u_c`` with Rademacher ``ε`` (this needs
-    ``h_c >= 0``, i.e. targets in ``[0, 1]``). The squares are averaged over the samples, so
-    the estimate is unbiased and converges to the exact diagonal; memory is
-    ``O(m Σ_l n_l)`` whatever ``S``. Sample ``s`` uses ``jax.random.fold_in(mc_key, s)``, so a
-    larger ``S`` reuses a smaller one's samples, and ``S`` is traced, so changing it does
-    not recompile.
+    * exact (``mc_samples=None``), as BackPACK's ``DiagGGNExact``: the ``n_L`` columns of a
+      square root of the output Hessian are backpropagated at once; memory
+      ``O(m n_L Σ_l n_l)``;
+    * Monte-Carlo (``mc_samples=S``), as BackPACK's ``DiagGGNMC``: ``S`` backward passes,
+      each from one sampled ``δ^L`` per example; memory ``O(m Σ_l n_l)`` whatever ``S``.
+      The estimate is unbiased and converges to the exact diagonal.
 
     The diagonal is of the *unregularised* cost (the mean of ``C_{x_i}``); an L2 term would
     add the constant ``l2/n`` to every weight entry and is left to the caller. With dropout,
     ``key`` draws the same per-example masks as :func:`jbackprop.grad`, and ``G`` is that of
     the network with those masks fixed. Arguments are checked as :func:`jbackprop.grad`
     checks them (``n`` is not needed).
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      X: inputs ``(m, n_0)``.
+      Y: integer class labels ``(m,)`` or target vectors ``(m, n_L)``.
+      model: the :class:`~jbackprop.Model`; its ``l2`` and ``l1`` play no part.
+      key: PRNG key drawing the dropout masks (example ``i`` uses
+        ``jax.random.split(key, m)[i]``); required when ``model.has_dropout``.
+      mc_samples: None for the exact diagonal, or the number ``S >= 1`` of Monte-Carlo
+        samples. ``S`` is traced, so changing it does not recompile.
+      mc_key: PRNG key of the Monte-Carlo samples, required with ``mc_samples``: sample
+        ``s`` uses ``jax.random.fold_in(mc_key, s)``, so a larger ``S`` reuses a smaller
+        one's samples.
+
+    Returns:
+      The diagonal with the structure of ``params`` (a tuple of
+      ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dicts, a list when ``params`` is a list), in
+      the params' dtype: entry ``[l - 1]["w"][j, k]`` is ``G``'s diagonal entry for
+      ``w^l_{jk}``.
+
+    Raises:
+      ValueError: a shape, a label or ``key`` is wrong; ``mc_key`` without ``mc_samples``
+        or ``mc_samples`` without ``mc_key``; ``mc_samples`` not a positive integer.
     """
     given = params
     params, X, Y = checks.batch(params, X, Y, model, None, key, regularised=False)

@@ -37,6 +37,10 @@ __all__ = ["GradStats", "NoiseScale", "grad_stats", "noise_scale"]
 class GradStats(NamedTuple):
     """What :func:`grad_stats` returns (a pytree, so it can leave a ``jax.jit``).
 
+    Every array is in the params' dtype; "like ``params``" means one
+    ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, in a tuple, or a list when the
+    params were given as a list.
+
     Attributes:
       grad: the minibatch gradient, exactly :func:`jbackprop.grad` (regulariser included).
       norms: ``(m,)``, the L2 norm of each example's unregularised gradient ``g_i``, over
@@ -101,6 +105,22 @@ def grad_stats(
     With dropout, example ``i`` uses the masks of ``jax.random.split(key, m)[i]``, the same
     as :func:`jbackprop.grad` and :func:`jbackprop.per_example_grads`. Arguments are checked
     as :func:`jbackprop.grad` checks them.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      X: inputs ``(m, n_0)``.
+      Y: integer class labels ``(m,)`` or target vectors ``(m, n_L)``.
+      model: the :class:`~jbackprop.Model`.
+      n: the training-set size of eqs 12-15; required when ``l1`` or ``l2`` is on (it
+        enters ``grad`` only).
+      key: PRNG key drawing the dropout masks; required when ``model.has_dropout``.
+
+    Returns:
+      A :class:`GradStats`: ``grad``, ``sum_grad_squared`` and ``variance`` like
+      ``params``, ``norms`` of shape ``(m,)``, all in the params' dtype.
+
+    Raises:
+      ValueError: a shape, a label, ``n`` or ``key`` is wrong or missing.
     """
     given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
     return checks.like(given, _grad_stats(params, X, Y, model, n, key))
@@ -113,7 +133,8 @@ class NoiseScale(NamedTuple):
     """What :func:`noise_scale` returns; plain Python floats.
 
     Attributes:
-      b_simple: ``tr(Σ) / |G|²``, the simple noise scale of McCandlish et al. (2018).
+      b_simple: ``tr(Σ) / |G|²``, the simple noise scale of McCandlish et al. (2018);
+        ``inf`` when the estimate of ``|G|²`` is not positive.
       trace: ``tr(Σ)``, the summed variance of the per-example gradients (unbiased).
       grad_sq_norm: ``|G|²``, the squared norm of the true gradient (unbiased estimate).
       median_norm: the median L2 norm of the examples' unregularised gradients.
@@ -142,6 +163,27 @@ def noise_scale(
     finite sample adds to ``|mean g|²``. ``B_simple`` is roughly the minibatch size beyond
     which larger minibatches stop reducing the number of steps much. Examples are processed
     ``chunk_size`` at a time with :func:`grad_stats`, so memory stays small. Dropout is off.
+
+    It runs eagerly (the result is Python floats), so it cannot be called inside
+    ``jax.jit``.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
+      X: ``M >= 2`` inputs ``(M, n_0)``, e.g. a fixed sample of the training set.
+      Y: integer class labels ``(M,)`` or target vectors ``(M, n_L)``.
+      model: the :class:`~jbackprop.Model`; its ``l2`` and ``l1`` enter ``G``, its dropout
+        rate is ignored.
+      n: the training-set size of eqs 12-15; required when ``l1`` or ``l2`` is on.
+      chunk_size: examples per :func:`grad_stats` call; a last, smaller chunk is one
+        more shape to compile.
+
+    Returns:
+      A :class:`NoiseScale` of Python floats: ``b_simple``, ``trace``, ``grad_sq_norm``,
+      ``median_norm``.
+
+    Raises:
+      ValueError: fewer than 2 examples, a missing ``n``, a bad ``chunk_size``, or a
+        shape or label that does not fit the model.
     """
     checks.check_model(model)
     checks.check_n(n, model)
