@@ -17,7 +17,8 @@ class TrainState:
     """Everything needed to continue training after ``epoch`` epochs.
 
     Attributes:
-      params: the parameters after ``epoch`` epochs.
+      params: the parameters after ``epoch`` epochs, one ``{"w": (n_l, n_{l-1}),
+        "b": (n_l,)}`` dict per layer.
       opt_state: the optimizer's state, as ``optimizer.update`` returned it.
       epoch: the number of epochs done.
       history: one record per epoch done, as :func:`jbackprop.fit` returns them.

@@ -96,6 +96,14 @@ def fit_many(
 ) -> tuple[Params, list[list[dict[str, float]]]]:
     """Train ``K = len(keys)`` models of one architecture at once; return stacked params.
 
+    Each model's training is exactly :func:`jbackprop.fit` with
+    ``optax.inject_hyperparams(optimizer)(learning_rate=eta[k])``, the model's
+    hyperparameters and key ``split(keys[k])[1]`` (with ``shared_shuffle=False``; with the
+    shared shuffle, model 0's), because both run the same epoch function. ``eta``,
+    ``lmbda``, ``l1`` and ``dropout`` are traced, so another grid of values reuses the
+    compiled epoch; the architecture is static. Dropout is switched on for all models when
+    any of them has a rate above 0 (a rate of 0 then keeps every unit).
+
     Args:
       keys: ``K`` PRNG keys (e.g. ``jax.random.split(key, K)``); model ``k`` is initialised
         from ``split(keys[k])[0]``; the other half drives its shuffles and dropout masks.
@@ -108,19 +116,26 @@ def fit_many(
       optimizer: an Optax constructor taking ``learning_rate`` (``optax.sgd``,
         ``optax.adam``, ``functools.partial(optax.sgd, momentum=0.9)``, ...).
       validation: optional ``(X, Y)`` evaluated every epoch for every model.
+      scheme: the initialisation, as for :func:`jbackprop.init_params`; the parameters
+        are ``float32``.
+      n: the training-set size of eqs 12-15; defaults to the number of training examples.
       shared_shuffle: all models see the same minibatches (the shuffle of model 0's key),
         which lets XLA merge their first-layer products and is much faster on CPUs;
         ``False`` gives every model its own shuffle, so that model ``k`` equals
         :func:`jbackprop.fit` with its own key.
 
-    Returns ``(params, histories)``: every leaf of ``params`` has a leading axis ``K``
-    (``jax.tree.map(lambda x: x[k], params)`` is model ``k``), and ``histories[k]`` is
-    model ``k``'s per-epoch records, as :func:`jbackprop.fit` returns them.
+    Returns:
+      ``(params, histories)``. ``params`` is a tuple with one ``{"w": (K, n_l, n_{l-1}),
+      "b": (K, n_l)}`` dict per layer, ``float32``: every leaf has a leading axis ``K``
+      (``jax.tree.map(lambda x: x[k], params)`` is model ``k``). ``histories[k]`` is model
+      ``k``'s list of per-epoch records, as :func:`jbackprop.fit` returns them
+      (``epoch``, ``train_cost``, ``train_accuracy``, ``val_cost`` and ``val_accuracy``
+      with validation, and ``seconds``, the epoch's time for all ``K`` models together).
 
-    Each model's training is exactly :func:`jbackprop.fit` with
-    ``optax.inject_hyperparams(optimizer)(learning_rate=eta[k])``, the model's
-    hyperparameters and key ``split(keys[k])[1]`` (with ``shared_shuffle=False``; with the
-    shared shuffle, model 0's), because both run the same epoch function.
+    Raises:
+      ValueError: ``keys`` is empty; a hyperparameter has neither one nor ``K`` values or
+        is out of range (``eta > 0``, ``0 <= dropout < 1``); the data or ``epochs``,
+        ``batch_size`` or ``n`` are invalid, as :func:`jbackprop.fit` checks them.
     """
     keys = jnp.asarray(keys)
     k = keys.shape[0] if keys.ndim else 0
