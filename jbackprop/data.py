@@ -13,6 +13,10 @@ files are downloaded into the user cache.
 The splits follow Michael Nielsen's book: the first 50,000 training images for training,
 the last 10,000 for validation, the 10,000 test images for the test set. Arrays are numpy,
 so the caller decides on device placement.
+
+Every failure a user can cause or meet (a missing, truncated or corrupt file, an unknown
+data set, an unwritable folder, an unreachable mirror) is a :class:`DataError` whose
+message names the file or folder and says what to do.
 """
 
 from __future__ import annotations
@@ -74,7 +78,10 @@ _CHUNK = 1 << 16
 
 
 class DataError(Exception):
-    """A data set file is missing, malformed, fails its checksum, or cannot be fetched."""
+    """A data set file is missing, malformed, fails its checksum, or cannot be fetched.
+
+    Raised with one message (``DataError(message)``) that names the file or folder.
+    """
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,11 @@ class FileSpec:
 
     ``gz_sha256`` records the upstream compressed file for reference only; it is not
     checked, because repackaged copies are recompressed.
+
+    Attributes:
+      size: the decompressed payload's length in bytes.
+      sha256: the payload's SHA-256, lowercase hex.
+      gz_sha256: the upstream ``.gz`` file's SHA-256, or None.
     """
 
     size: int
@@ -91,7 +103,14 @@ class FileSpec:
 
     @classmethod
     def of(cls, payload: bytes) -> FileSpec:
-        """Spec of the given decompressed bytes (for custom or test files)."""
+        """Spec of the given decompressed bytes (for custom or test files).
+
+        Args:
+          payload: the decompressed file content.
+
+        Returns:
+          A ``FileSpec`` with its size and SHA-256 (no ``gz_sha256``).
+        """
         return cls(len(payload), hashlib.sha256(payload).hexdigest())
 
 
@@ -155,7 +174,14 @@ Array = np.ndarray
 
 @dataclass(frozen=True)
 class Splits:
-    """Train/validation/test pairs ``(X, y)``: X float32 (N, 784) in [0, 1], y int32 (N,)."""
+    """Train/validation/test pairs ``(X, y)``: X float32 (N, 784) in [0, 1], y int32 (N,).
+
+    Attributes:
+      train: the training file's images but its last 10,000 (50,000), with their labels.
+      validation: the training file's last 10,000 images and their labels.
+      test: the 10,000 test images and their labels.
+      source: the folder the files were read from.
+    """
 
     train: tuple[Array, Array]
     validation: tuple[Array, Array]
@@ -246,9 +272,18 @@ def _resolve_specs(path: Path, expected: FileSpec | None) -> tuple[FileSpec, ...
 def read_images(path: str | os.PathLike[str], expected: FileSpec | None = None) -> Array:
     """Read a gzip IDX image file into uint8 (N, 28, 28), checking header and checksum.
 
-    ``expected`` gives the payload size and SHA-256 to verify against; by default the
-    built-in table is used when the file has one of the standard names (either data set
-    matches), and files with other names get the structural checks only.
+    Args:
+      path: a gzip-compressed IDX image file (magic 2051).
+      expected: the payload size and SHA-256 to verify against; by default the built-in
+        table is used when the file has one of the standard names (either data set
+        matches), and files with other names get the structural checks only.
+
+    Returns:
+      The images, uint8 ``(N, 28, 28)``, a read-only view of the decompressed bytes.
+
+    Raises:
+      DataError: the file is missing, not complete gzip, not an IDX image file of 28 x 28
+        images, or fails its checksum.
     """
     path = Path(path)
     payload = _decompress(path)
@@ -265,7 +300,16 @@ def read_images(path: str | os.PathLike[str], expected: FileSpec | None = None) 
 def read_labels(path: str | os.PathLike[str], expected: FileSpec | None = None) -> Array:
     """Read a gzip IDX label file into uint8 (N,), checking header, range and checksum.
 
-    ``expected`` works as in :func:`read_images`.
+    Args:
+      path: a gzip-compressed IDX label file (magic 2049).
+      expected: the payload spec to verify against, as in :func:`read_images`.
+
+    Returns:
+      The labels, uint8 ``(N,)`` in ``0..9``, a read-only view of the decompressed bytes.
+
+    Raises:
+      DataError: the file is missing, not complete gzip, not an IDX label file, holds a
+        label above 9, or fails its checksum.
     """
     path = Path(path)
     payload = _decompress(path)
@@ -283,14 +327,33 @@ def read_labels(path: str | os.PathLike[str], expected: FileSpec | None = None) 
 
 
 def cache_dir(dataset: str) -> Path:
-    """The user cache folder for a data set: ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    """The user cache folder for a data set: ``$XDG_CACHE_HOME`` or ``~/.cache``.
+
+    Args:
+      dataset: ``"mnist"`` or ``"fashion-mnist"`` (not checked here).
+
+    Returns:
+      ``<cache>/jbackprop/<dataset>``, whether or not it exists; a relative
+      ``$XDG_CACHE_HOME`` is ignored, as the XDG specification says.
+    """
     base = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
     return root / "jbackprop" / dataset
 
 
 def candidate_dirs(dataset: str) -> list[Path]:
-    """Folders searched, in order, when no ``data_dir`` is given."""
+    """Folders searched, in order, when no ``data_dir`` is given.
+
+    Args:
+      dataset: ``"mnist"`` or ``"fashion-mnist"``.
+
+    Returns:
+      ``$JBACKPROP_DATA/<dataset>`` (when the variable is set), :func:`cache_dir` and
+      ``/usr/share/datasets/<dataset>``, whether or not they exist.
+
+    Raises:
+      DataError: an unknown data set.
+    """
     _check_dataset(dataset)
     dirs = []
     env = os.environ.get(ENV_VAR, "")
@@ -310,6 +373,17 @@ def find(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> Path |
 
     An explicit ``data_dir`` (the folder itself, or one holding ``<dataset>/``) is the
     only place looked at: if the files are not there that is an error, not a fall-through.
+    Only the files' presence is checked here; :func:`load` verifies them.
+
+    Args:
+      dataset: ``"mnist"`` or ``"fashion-mnist"``.
+      data_dir: the folder to use, or None to search :func:`candidate_dirs`.
+
+    Returns:
+      The first folder holding all four files, or None when no candidate does.
+
+    Raises:
+      DataError: an unknown data set, or a ``data_dir`` without the files.
     """
     _check_dataset(dataset)
     if data_dir is not None:
@@ -434,6 +508,19 @@ def download(
     Mirrors are tried in order per file (default :data:`MIRRORS`); a file that fails its
     payload checksum is reported on stderr and the next mirror is tried. Nothing is ever
     left under a final name unless it passed verification.
+
+    Args:
+      dataset: ``"mnist"`` or ``"fashion-mnist"``.
+      target_dir: the folder to fill; created (with its parents) if needed.
+      mirrors: base URLs to try in order, or None for :data:`MIRRORS`.
+      progress: draw a progress bar on stderr.
+
+    Returns:
+      ``target_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+      DataError: an unknown data set, no mirrors, every mirror failing for a file, or a
+        folder that cannot be written (full disk, no permission).
     """
     _check_dataset(dataset)
     target = Path(target_dir).expanduser()
@@ -549,6 +636,22 @@ def load(
 
     The training file is split into its first N - 10,000 examples (training) and its
     last 10,000 (validation); the t10k files give the test set.
+
+    Args:
+      dataset: ``"mnist"`` or ``"fashion-mnist"``.
+      data_dir: the folder holding the files (or a ``<dataset>/`` folder); None searches
+        :func:`candidate_dirs` and then downloads into :func:`cache_dir`.
+      download: whether a missing data set may be downloaded.
+      progress: draw a progress bar on stderr while downloading.
+      mirrors: base URLs for the download, or None for :data:`MIRRORS`.
+
+    Returns:
+      :class:`Splits` with ``X`` float32 ``(N, 784)`` in ``[0, 1]`` and ``y`` int32
+      ``(N,)``: 50,000 training, 10,000 validation and 10,000 test examples.
+
+    Raises:
+      DataError: the data set cannot be found or fetched (the message says where it
+        looked and how to provide the files), or a file fails verification.
     """
     _check_dataset(dataset)
     folder = _locate(dataset, data_dir, download, progress, mirrors)

@@ -8,7 +8,11 @@ needs to resume bit-identically.
 
 Every write goes to a temporary file in the target folder, is flushed to disk with
 ``fsync`` and then renamed over the final name, so a crash at any instant leaves either
-the old file or the new one, never a torn one.
+the old file or the new one, never a torn one. That one helper, :func:`atomic_file`, also
+serves the data downloads of :mod:`jbackprop.data`.
+
+This module knows the :class:`~jbackprop.Model` and :class:`~jbackprop.state.TrainState`
+types only; it imports nothing of the network or of training.
 """
 
 from __future__ import annotations
@@ -54,6 +58,15 @@ def atomic_file(
 
     ``path`` is therefore never left half-written: a crash at any instant leaves either
     the old file or the new one.
+
+    Args:
+      path: the final file; its folder must exist.
+      suffix: the temporary file's suffix (``".part"`` for downloads).
+      check: called with the temporary file's path before the rename; an exception it
+        raises deletes the file and propagates.
+
+    Yields:
+      The temporary file, open for binary writing.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -73,7 +86,12 @@ def atomic_file(
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through :func:`atomic_file`."""
+    """Write ``data`` to ``path`` through :func:`atomic_file`.
+
+    Args:
+      path: the final file; its folder must exist.
+      data: the whole content.
+    """
     with atomic_file(path) as f:
         f.write(data)
 
@@ -85,7 +103,11 @@ def _umask() -> int:
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make renames in ``folder`` durable; best effort (not every platform allows it)."""
+    """Make renames in ``folder`` durable; best effort (not every platform allows it).
+
+    Args:
+      folder: the folder whose entries were just renamed or created.
+    """
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -130,7 +152,22 @@ def _save(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict[st
 
 
 def save_params(path: str | os.PathLike, params: Params, model: Model) -> Path:
-    """Save ``params`` with ``model``'s configuration to ``path`` (safetensors)."""
+    """Save ``params`` with ``model``'s configuration to ``path`` (safetensors).
+
+    Args:
+      path: the file to write, atomically (conventionally ``*.safetensors``).
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list;
+        their dtype is kept, ``bfloat16`` included.
+      model: the model they belong to; :meth:`~jbackprop.Model.to_dict` is stored, so its
+        ``l2``, ``l1`` and dropout rate are saved too.
+
+    Returns:
+      ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+      ValueError: ``params`` does not fit ``model``.
+      OSError: the file cannot be written (e.g. its folder does not exist).
+    """
     checks.check_params(params, model)
     meta = {"format": FORMAT, "model": json.dumps(model.to_dict())}
     _save(path, _param_tensors(params), meta)
@@ -189,6 +226,20 @@ def load_params(path: str | os.PathLike, model: Model | None = None) -> tuple[Pa
 
     If ``model`` is given, the file must describe the same network (layer count, sizes,
     activations, cost), otherwise a ``ValueError`` says how they differ.
+
+    Args:
+      path: a file written by :func:`save_params`.
+      model: the expected network, or None to take the file's. Its ``l2``, ``l1`` and
+        dropout rate need not match the file's.
+
+    Returns:
+      ``(params, model)``: a tuple with one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict of
+      JAX arrays per layer, in the dtype they were saved in, and the given ``model`` or,
+      without one, the model rebuilt from the file.
+
+    Raises:
+      ValueError: the file is missing, unreadable, corrupt or not a parameter file, or it
+        holds another network than ``model``.
     """
     path = Path(path)
     tensors, meta = _read(path, "parameter")
@@ -215,6 +266,21 @@ def save_checkpoint(
 
     ``config`` is a JSON-ready description of the run (the experiment's flags); resuming
     compares it so that a checkpoint is never continued under another configuration.
+
+    Args:
+      path: the file to write, atomically.
+      state: the :class:`~jbackprop.TrainState` after ``state.epoch`` epochs; its
+        ``best_params`` default to its ``params``.
+      model: the model being trained (its configuration is stored).
+      key: the run's PRNG key, typed (``jax.random.key``) or raw; it is stored with its
+        implementation.
+      config: a JSON-serialisable dict.
+
+    Returns:
+      ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+      OSError: the file cannot be written.
     """
     tensors = _param_tensors(state.params)
     best = state.best_params if state.best_params is not None else state.params
@@ -242,8 +308,22 @@ def _typed(key: jax.Array) -> bool:
 def load_checkpoint(
     path: str | os.PathLike, opt_template: Any
 ) -> tuple[TrainState, Model, jax.Array, dict[str, Any]]:
-    """Read a checkpoint; ``opt_template`` is ``optimizer.init(params)`` giving the tree
-    structure of the optimizer state. Returns ``(state, model, key, config)``."""
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+      path: the checkpoint file.
+      opt_template: ``optimizer.init(params)`` for the optimizer that will continue: it
+        gives the tree structure, shapes and dtypes of the optimizer state.
+
+    Returns:
+      ``(state, model, key, config)``: the :class:`~jbackprop.TrainState` (``params`` and
+      ``best_params`` as tuples of ``{"w", "b"}`` dicts in their saved dtype), the model,
+      the PRNG key (typed again if it was saved typed) and the run's ``config`` dict.
+
+    Raises:
+      ValueError: the file is missing, unreadable, corrupt or not a checkpoint, or the
+        optimizer state does not match ``opt_template``.
+    """
     path = Path(path)
     tensors, meta = _read(path, "checkpoint")
     model = _model_from(meta, path, CHECKPOINT_FORMAT)
