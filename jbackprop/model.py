@@ -119,7 +119,8 @@ class Model:
     def has_dropout(self) -> bool:
         """Whether hidden units are dropped in training: static, unlike the rate itself.
 
-        True when ``dropout > 0`` and the network has a hidden layer; functions then need a
+        For a model as built, True when ``dropout > 0`` and the network has a hidden layer
+        (:func:`architecture` can switch it on for a rate of 0); functions then need a
         ``key`` for the masks."""
         return self._has_dropout
 
