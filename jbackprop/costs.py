@@ -72,8 +72,8 @@ class Cost:
     curvature: Callable[[Array, Array, Activation], tuple[Array, Array]] = field(
         compare=False, repr=False
     )
-    sample_delta: Callable[[Array, Array, Activation, Array], tuple[Array, Array | None]] = (
-        field(compare=False, repr=False)
+    sample_delta: Callable[[Array, Array, Activation, Array], tuple[Array, Array | None]] = field(
+        compare=False, repr=False
     )
 
     def __repr__(self) -> str:

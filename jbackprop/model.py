@@ -181,6 +181,8 @@ class Model:
         unknown = set(config) - known
         if unknown:
             raise ValueError(f"Model: unknown configuration keys {sorted(unknown)}")
+        if "sizes" not in config:
+            raise ValueError("Model: the configuration has no 'sizes'")
         return cls(**{**config, "sizes": tuple(config["sizes"])})
 
 
