@@ -1,7 +1,8 @@
 """ablate: the hand-written step reformulated in the script, against jb.fit's epoch.
 
-Which of the library's formulation choices cost time? The chapter-3 step is written out
-here (eqs 3, 6-10, 13) with three switches: the bias gradient as ``δ.sum(0)/m`` instead of
+Which formulation choices cost time? The chapter-3 step is written out here (eqs 3, 6-10,
+13, with row-major products ``X Wᵀ``, as the library wrote them when the section was
+made) with three switches: the bias gradient as ``δ.sum(0)/m`` instead of
 ``1ᵀδ/m``, ``f' = a(1-a)`` from the forward pass instead of ``σ(z)σ(-z)``, and ``δ`` scaled
 by ``1/m`` before the products. Every variant runs in the reference epoch, alternated with
 the library's epoch and the ``jax.grad`` epoch.
@@ -20,7 +21,7 @@ from scripts.bench.setting import BATCH_SIZES, FLOP, N_TRAIN
 
 JB = "jb.fit epoch"
 VARIANTS = {
-    "as library (1ᵀδ/m, σ(z)σ(-z), δᵀa/m)": {},
+    "script step (1ᵀδ/m, σ(z)σ(-z), δᵀa/m)": {},
     "bias: δ.sum(0)/m": {"bias_sum": True},
     "f' = a(1-a) from the forward pass": {"prime_from_a": True},
     "scale δ by 1/m before the products": {"scale_delta": True},
