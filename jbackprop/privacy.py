@@ -1,4 +1,5 @@
-"""Differentially private gradients (DP-SGD, Abadi et al. 2016) without per-example gradients.
+"""Differentially private gradients (DP-SGD, Abadi et al. 2016) without per-example gradients,
+and the privacy they buy, ``(ε, δ)``.
 
 DP-SGD clips every example's whole gradient to L2 norm at most ``C``, sums the clipped
 gradients, adds Gaussian noise ``N(0, (σC)²)`` to every coordinate and divides by the
@@ -13,26 +14,60 @@ With ``c_i = min(1, C / ‖g_i‖)`` the sum of the clipped gradients is again o
 product per layer, over rescaled deltas: ``Σ_i c_i δ_i a_iᵀ = (c ⊙ δ)ᵀ a``. The cost is one
 forward and one backward pass of the minibatch, as for :func:`jbackprop.grad`.
 
+Per-layer clipping (McMahan et al. 2018, *Learning Differentially Private Recurrent
+Language Models*, section 3) bounds each layer's gradient ``(∂C/∂w^l, ∂C/∂b^l)`` of each
+example by its own ``C_l``, with the factor ``c_il = min(1, C_l / ‖g^l_i‖)`` read off the
+same identity, one term of the sum above. An example's whole clipped gradient then has
+norm at most ``C = sqrt(Σ_l C_l²)``, the sensitivity the noise is scaled to.
+
 The aggregation follows ``optax.contrib.differentially_private_aggregate``: the clipping
 rule, noise of standard deviation ``clip * noise_multiplier`` added to the *sum*, then the
 division by the minibatch size. Its noise is drawn the same way too, so for the same key
 :func:`clipped_grad` returns what that transformation's first update returns when fed
 :func:`jbackprop.per_example_grads`.
+
+**Accounting.** :func:`epsilon` gives the ``ε`` of ``T`` adaptive compositions of the
+*Poisson-subsampled Gaussian mechanism*: every example of the ``n`` enters a step's sample
+``S`` independently with probability ``q``, and the step releases
+``Σ_{i∈S} clip(g_i) + N(0, σ²C² I)``; neighbouring data sets differ by adding or removing
+one example. This is the mechanism :func:`jbackprop.fit` runs with ``sampling="poisson"``
+and ``gradient=DPGradient(...)`` (it then divides by the *expected* minibatch size ``q n``,
+a public constant, which costs no privacy). The shuffled minibatches of the default
+``sampling="shuffle"`` are a different mechanism, for which these numbers are not a proven
+guarantee. The accountants are Google's ``dp-accounting``: Rényi DP of the subsampled
+Gaussian (Mironov, Talwar and Zhang 2019) converted to ``(ε, δ)`` by Canonne, Kamath and
+Steinke's bound (2020, Prop. 12), or privacy-loss distributions (Koskela et al. 2020;
+Doroshenko et al. 2022), which are tighter and slower.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from jbackprop import checks
 from jbackprop.model import Model, Params
 from jbackprop.network import add_penalty_grads, batch_deltas, squared_norms
 
-__all__ = ["DPGradient", "clipped_grad", "per_example_norms"]
+__all__ = [
+    "ACCOUNTANTS",
+    "DPGradient",
+    "calibrate_noise",
+    "clipped_grad",
+    "epsilon",
+    "per_example_norms",
+    "poisson_schedule",
+]
+
+ACCOUNTANTS = ("rdp", "pld")
 
 
 # --- the equations --------------------------------------------------------------------
@@ -43,10 +78,33 @@ def clip_factors(sq_norms: Array, clip: Array) -> Array:
     return clip / jnp.maximum(jnp.sqrt(sq_norms), clip)
 
 
-def clipped_sums(acts, deltas, c: Array) -> Params:
-    """``Σ_i c_i δ_i a_iᵀ = (c ⊙ δ)ᵀ a`` and ``Σ_i c_i δ_i = cᵀ δ``, layer by layer."""
+def layer_clip_factors(acts, deltas, clip) -> list[Array]:
+    """One ``(m,)`` vector of factors per layer: the same ``c_i`` for every layer when
+    ``clip`` is one bound ``C``, and ``c_il = min(1, C_l / ‖g^l_i‖)`` when it is a tuple of
+    one bound per layer."""
+    if not isinstance(clip, tuple):
+        return [clip_factors(squared_norms(acts, deltas), clip)] * len(deltas)
+    # squared_norms over a single layer's (a^{l-1}, δ^l) is that layer's term ‖g^l_i‖².
+    return [
+        clip_factors(squared_norms((a, None), (d,)), c)
+        for a, d, c in zip(acts[:-1], deltas, clip, strict=True)
+    ]
+
+
+def sensitivity(clip) -> Array:
+    """``C``, or ``sqrt(Σ_l C_l²)`` per layer: the largest norm of one example's clipped
+    gradient, which the noise's standard deviation is measured in."""
+    if not isinstance(clip, tuple):
+        return clip
+    return jnp.sqrt(sum(c * c for c in clip))
+
+
+def weighted_sums(acts, deltas, factors) -> Params:
+    """Eqs 9-10 summed over the minibatch with a weight per example and layer:
+    ``Σ_i c_il δ^l_i (a^{l-1}_i)ᵀ = (c_l ⊙ δ^l)ᵀ a^{l-1}`` and ``c_lᵀ δ^l``."""
     return tuple(
-        {"w": (c[:, None] * d).T @ a, "b": c @ d} for a, d in zip(acts[:-1], deltas, strict=True)
+        {"w": (c[:, None] * d).T @ a, "b": c @ d}
+        for a, d, c in zip(acts[:-1], deltas, factors, strict=True)
     )
 
 
@@ -62,6 +120,33 @@ def add_noise(sums: Params, std: Array, noise_key: Array) -> Params:
     return jax.tree.unflatten(treedef, noisy)
 
 
+def private_sum(params: Params, X, Y, model: Model, key, clip, weights=None) -> Params:
+    """``Σ_i w_i clip(g_i)`` from one forward and one backward pass (traceable, unchecked).
+
+    ``weights`` ``(m,)`` multiply the clip factors, so an example of weight 0 (padding of a
+    fixed-size block) adds exactly nothing, and with weights in ``[0, 1]`` no example's
+    contribution exceeds :func:`sensitivity`.
+    """
+    acts, deltas = batch_deltas(params, X, Y, model, key)
+    factors = layer_clip_factors(acts, deltas, clip)
+    if weights is not None:
+        factors = [f * weights for f in factors]
+    return weighted_sums(acts, deltas, factors)
+
+
+def noisy_mean(sums: Params, params: Params, model: Model, n, std, noise_key, denominator):
+    """The Gaussian mechanism on a clipped sum: add ``N(0, std²)`` (when ``noise_key`` is
+    given), divide by ``denominator``, then add the regulariser's gradient (eq 13)."""
+    if noise_key is not None:
+        sums = add_noise(sums, std, noise_key)
+    grads = jax.tree.map(lambda s: s / denominator, sums)
+    return add_penalty_grads(grads, params, model, n)
+
+
+def _as_dtype(clip, dtype):
+    return jax.tree.map(lambda c: jnp.asarray(c, dtype), clip)
+
+
 # --- jitted kernels (validated arguments only) ----------------------------------------
 
 
@@ -72,16 +157,66 @@ def _per_example_norms(params, X, Y, model, key):
 
 
 @jax.jit
-def _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key):
-    m = X.shape[0]
-    clip = jnp.asarray(clip, X.dtype)
-    acts, deltas = batch_deltas(params, X, Y, model, key)
-    c = clip_factors(squared_norms(acts, deltas), clip)
-    sums = clipped_sums(acts, deltas, c)
-    if noise_key is not None:
-        sums = add_noise(sums, clip * jnp.asarray(noise_multiplier, X.dtype), noise_key)
-    grads = jax.tree.map(lambda s: s / m, sums)
-    return add_penalty_grads(grads, params, model, n)
+def _clipped_grad(
+    params, X, Y, model, n, key, clip, noise_multiplier, noise_key, weights=None, denominator=None
+):
+    clip = _as_dtype(clip, X.dtype)
+    sums = private_sum(params, X, Y, model, key, clip, weights)
+    std = sensitivity(clip) * jnp.asarray(noise_multiplier, X.dtype)
+    m = X.shape[0] if denominator is None else denominator
+    return noisy_mean(sums, params, model, n, std, noise_key, m)
+
+
+# --- argument checks ------------------------------------------------------------------
+
+
+def _check_clip(clip: Any, num_layers: int | None = None) -> Any:
+    """One bound ``C > 0``, or a tuple of one bound per layer (traced values pass)."""
+    if isinstance(clip, list | tuple) or jnp.ndim(clip) == 1:
+        bounds = tuple(checks.scalar(f"clip[{l}]", c, positive=True) for l, c in enumerate(clip))
+        if not bounds or (num_layers is not None and len(bounds) != num_layers):
+            want = "one bound per layer" if num_layers is None else f"{num_layers} bounds"
+            raise ValueError(
+                f"clip must be one bound or {want} (per-layer clipping), got {len(bounds)}"
+            )
+        return bounds
+    return checks.scalar("clip", clip, positive=True)
+
+
+def _check_weights(weights: Any, m: int, dtype) -> Array | None:
+    if weights is None:
+        return None
+    weights = jnp.asarray(weights)
+    if weights.shape != (m,):
+        raise ValueError(f"weights has shape {weights.shape}, expected one per example ({m},)")
+    if checks.is_concrete(weights):
+        host = np.asarray(weights, dtype=float)
+        if not np.all((host >= 0) & (host <= 1)):
+            raise ValueError("weights must lie in [0, 1] (0 leaves an example out)")
+    return weights.astype(dtype)
+
+
+def _number(name: str, value: Any, *, low: float, high: float, low_ok: bool, high_ok: bool):
+    """A concrete real in the interval from ``low`` to ``high`` (ends as the flags say)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    above = v >= low if low_ok else v > low
+    below = v <= high if high_ok else v < high
+    if isinstance(value, bool) or math.isnan(v) or not (above and below):
+        interval = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return v
+
+
+def _check_accounting(sample_rate, steps, delta, accountant) -> tuple[float, int, float, str]:
+    q = _number("sample_rate", sample_rate, low=0, high=1, low_ok=False, high_ok=True)
+    steps = checks.positive_int("steps", steps)
+    delta = _number("delta", delta, low=0, high=1, low_ok=False, high_ok=False)
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    return q, steps, delta, accountant
 
 
 # --- public API -----------------------------------------------------------------------
@@ -108,9 +243,11 @@ def clipped_grad(
     n: int | None = None,
     key: Array | None = None,
     *,
-    clip: float,
+    clip: float | Sequence[float],
     noise_multiplier: float,
     noise_key: Array | None = None,
+    weights: Array | None = None,
+    denominator: float | None = None,
 ) -> Params:
     """The DP-SGD minibatch gradient: clip each example, sum, add noise, divide by ``m``.
 
@@ -122,23 +259,40 @@ def clipped_grad(
     applied to :func:`jbackprop.per_example_grads`, with the same noise for the same key,
     but no per-example gradient is stored.
 
+    With ``clip=(C_1, ..., C_L)`` each layer's ``(w, b)`` gradient of each example is
+    clipped to its own bound instead, still without per-example gradients, and the noise's
+    standard deviation is ``noise_multiplier * sqrt(Σ_l C_l²)``, the norm bound of a whole
+    clipped example; :func:`epsilon` applies unchanged.
+
     The regulariser's gradient (L2/L1, eq 13, which needs ``n``) is added *after* the
     private aggregation, unclipped and unnoised: it depends on the parameters only, not
     on any example, so it costs no privacy.
 
     Args:
-      params, X, Y, model, n: as for :func:`jbackprop.grad`.
+      params, X, Y, model, n: as for :func:`jbackprop.grad`; ``X`` is ``(m, n_0)``, ``Y``
+        targets ``(m, n_L)`` or integer labels ``(m,)``.
       key: draws the dropout masks, the same ones :func:`jbackprop.grad` and
         :func:`jbackprop.per_example_grads` use for that key.
-      clip: the clipping norm ``C > 0``.
-      noise_multiplier: ``σ >= 0``, the noise's standard deviation in units of ``clip``.
-        ``0`` gives the clipped mean with no noise (and no privacy guarantee).
+      clip: the clipping norm ``C > 0``, or one norm per layer ``(C_1, ..., C_L)``.
+      noise_multiplier: ``σ >= 0``, the noise's standard deviation in units of the clipped
+        norm bound. ``0`` gives the clipped mean with no noise (and no privacy guarantee).
       noise_key: PRNG key for the noise; required unless ``noise_multiplier`` is ``0``.
         Use a fresh key every step.
+      weights: optional ``(m,)`` weights in ``[0, 1]`` multiplying the clipped gradients;
+        an example of weight 0 contributes nothing at all (padding of a fixed-size block).
+      denominator: what the noisy sum is divided by; ``m`` by default. Under Poisson
+        sampling it is the expected minibatch size ``q n`` (see :func:`epsilon`).
+
+    Returns:
+      A gradient with the structure of ``params``: ``{"w": (n_l, n_{l-1}), "b": (n_l,)}``
+      per layer.
     """
     given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
-    clip = checks.scalar("clip", clip, positive=True)
+    clip = _check_clip(clip, model.num_layers)
     noise_multiplier = checks.scalar("noise_multiplier", noise_multiplier, positive=False)
+    weights = _check_weights(weights, X.shape[0], X.dtype)
+    if denominator is not None:
+        denominator = checks.scalar("denominator", denominator, positive=True)
     if checks.is_concrete(noise_multiplier) and noise_multiplier == 0:
         noise_key = None  # nothing to draw
     elif noise_key is None:
@@ -147,7 +301,10 @@ def clipped_grad(
             "and noise_key draws it"
         )
     return checks.like(
-        given, _clipped_grad(params, X, Y, model, n, key, clip, noise_multiplier, noise_key)
+        given,
+        _clipped_grad(
+            params, X, Y, model, n, key, clip, noise_multiplier, noise_key, weights, denominator
+        ),
     )
 
 
@@ -155,27 +312,194 @@ def clipped_grad(
 class DPGradient:
     """DP-SGD as the per-step gradient of :func:`jbackprop.fit` (its ``gradient=``).
 
-    Each step's key is split into the dropout key and the noise key, so every step draws
-    fresh noise. Frozen and hashable, so the compiled epoch is reused for equal settings.
+    Args:
+      clip: the clipping norm ``C > 0``, or a tuple ``(C_1, ..., C_L)`` for per-layer
+        clipping (a list is stored as a tuple, so the object stays hashable).
+      noise_multiplier: ``σ >= 0``, as for :func:`clipped_grad`.
+
+    Called as ``gradient(params, X, Y, model, n, key)`` on a minibatch (integer labels or
+    targets, checked like :func:`clipped_grad`), it returns :func:`clipped_grad` of it:
+    each step's key is split into the dropout key and the noise key, so every step draws
+    fresh noise. With ``fit(..., sampling="poisson")`` the epoch instead calls
+    :meth:`masked_sum` on the fixed-size blocks of a step's sample and :meth:`finish` once
+    per step, which is the mechanism :func:`epsilon` accounts for. Frozen and hashable, so
+    the compiled epoch is reused for equal settings.
     """
 
-    clip: float
+    clip: float | tuple[float, ...]
     noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
-        checks.scalar("clip", self.clip, positive=True)
+        object.__setattr__(self, "clip", _check_clip(self.clip))
         checks.scalar("noise_multiplier", self.noise_multiplier, positive=False)
 
-    def __call__(self, params, X, Y, model: Model, n, key) -> Params:
+    def __call__(self, params: Params, X: Array, Y: Array, model: Model, n, key) -> Params:
+        """The private gradient of the minibatch ``(X, Y)``: ``(m, n_0)`` inputs, targets
+        ``(m, n_L)`` or labels ``(m,)``; works eagerly and traced inside ``fit``."""
+        given, (params, X, Y) = params, checks.batch(params, X, Y, model, n, key)
+        if key is None:
+            raise ValueError("key is required: DPGradient draws the noise (and dropout) from it")
+        clip = _check_clip(self.clip, model.num_layers)
         drop_key, noise_key = jax.random.split(key)
-        return _clipped_grad(
+        grads = _clipped_grad(
             params,
             X,
             Y,
             model,
             n,
             drop_key if model.has_dropout else None,
-            self.clip,
+            clip,
             self.noise_multiplier,
             noise_key if self.noise_multiplier else None,
         )
+        return checks.like(given, grads)
+
+    def masked_sum(self, params: Params, X, Y, model: Model, key, weights) -> Params:
+        """``Σ_i w_i clip(g_i)`` over one block of a Poisson-sampled step (traceable and
+        unchecked; ``Y`` one-hot). ``weights`` ``(m,)`` are 1 for the sampled examples and 0
+        for the padding, which therefore adds nothing, not even through the clipping.
+        ``key`` draws the block's dropout masks."""
+        clip = _as_dtype(_check_clip(self.clip, model.num_layers), X.dtype)
+        return private_sum(params, X, Y, model, key if model.has_dropout else None, clip, weights)
+
+    def finish(self, sums: Params, params: Params, model: Model, n, count, expected, key):
+        """One Poisson-sampled step's gradient from its clipped sum: add ``N(0, (σC)²)`` to
+        every coordinate (one draw per step, from ``key``), divide by the *expected*
+        minibatch size ``expected = q n`` (not the drawn ``count``, which would depend on
+        the data set), add the regulariser's gradient."""
+        dtype = jax.tree.leaves(sums)[0].dtype
+        clip = _as_dtype(_check_clip(self.clip, model.num_layers), dtype)
+        std = sensitivity(clip) * jnp.asarray(self.noise_multiplier, dtype)
+        noise_key = key if self.noise_multiplier else None
+        return noisy_mean(sums, params, model, n, std, noise_key, expected)
+
+
+# --- accounting -----------------------------------------------------------------------
+
+
+def poisson_schedule(n: int, batch_size: int, epochs: int = 1) -> tuple[float, int]:
+    """``(sample_rate, steps)`` of ``jbackprop.fit(..., sampling="poisson")``.
+
+    Args:
+      n: training-set size.
+      batch_size: the expected minibatch size ``q n``.
+      epochs: number of epochs.
+
+    Returns:
+      ``q = batch_size / n`` and ``epochs * round(n / batch_size)`` (halves round up),
+      the arguments :func:`epsilon` needs for that run.
+    """
+    n = checks.positive_int("n", n)
+    batch_size = checks.positive_int("batch_size", batch_size)
+    epochs = checks.positive_int("epochs", epochs)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be at most n={n}, got {batch_size}")
+    return batch_size / n, epochs * ((2 * n + batch_size) // (2 * batch_size))
+
+
+@functools.lru_cache(maxsize=512)
+def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    # dp_accounting takes about a second to import: only when something is accounted.
+    import dp_accounting
+
+    step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    event = dp_accounting.SelfComposedDpEvent(step, steps)
+    if accountant == "rdp":
+        acc = dp_accounting.rdp.RdpAccountant()
+    else:
+        acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """``ε`` of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
+
+    The mechanism (Abadi et al. 2016, Alg. 1): each step samples every example
+    independently with probability ``q = sample_rate`` and releases the sum of the sampled
+    examples' clipped gradients plus ``N(0, σ²C²)`` per coordinate, ``C`` the clipped
+    norm bound (per-layer bounds: ``sqrt(Σ_l C_l²)``); neighbouring data sets differ by
+    one added or removed example; the steps compose adaptively. The training it covers is
+    ``jbackprop.fit(..., sampling="poisson", gradient=DPGradient(clip, σ))``, with
+    ``(sample_rate, steps)`` from :func:`poisson_schedule`.
+
+    Args:
+      noise_multiplier: ``σ >= 0``; ``0`` gives ``ε = inf``.
+      sample_rate: ``q``, with ``0 < q <= 1``.
+      steps: ``T >= 1``, the number of noisy gradients released.
+      delta: ``0 < δ < 1``; customarily below ``1/n``.
+      accountant: ``"rdp"``, Rényi DP of the subsampled Gaussian (Mironov, Talwar and
+        Zhang 2019) at dp-accounting's orders, converted by Canonne, Kamath and Steinke
+        (2020, Prop. 12); or ``"pld"``, dp-accounting's privacy-loss-distribution
+        accountant (Doroshenko et al. 2022), tighter (typically 10-20% smaller ``ε``) and
+        slower (about a second, more for small ``σ``). Both are upper bounds.
+
+    Returns:
+      ``ε``, a float: the run is ``(ε, δ)``-differentially private.
+    """
+    q, steps, delta, accountant = _check_accounting(sample_rate, steps, delta, accountant)
+    sigma = _number(
+        "noise_multiplier", noise_multiplier, low=0, high=math.inf, low_ok=True, high_ok=False
+    )
+    if sigma == 0:
+        return math.inf
+    return _epsilon(sigma, q, steps, delta, accountant)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """The smallest noise multiplier ``σ`` whose :func:`epsilon` is at most ``target_epsilon``.
+
+    Bisection on ``log σ``, using that ``ε`` falls as ``σ`` grows: the returned ``σ`` has
+    ``epsilon(σ, ...) <= target_epsilon``, and ``σ / 1.01`` does not (to 1% in ``σ``).
+
+    Args:
+      target_epsilon: the ``ε > 0`` to reach.
+      sample_rate, steps, delta, accountant: as for :func:`epsilon`.
+
+    Returns:
+      ``σ``, a float.
+    """
+    q, steps, delta, accountant = _check_accounting(sample_rate, steps, delta, accountant)
+    target = _number(
+        "target_epsilon", target_epsilon, low=0, high=math.inf, low_ok=False, high_ok=False
+    )
+    # The RDP accountant is fast and its ε is never below the PLD's: its σ brackets from
+    # above, and the slow PLD accountant is then only asked about nearby σ.
+    hi = _upper_bracket(lambda s: _epsilon(s, q, steps, delta, "rdp"), target, 1.0)
+    eps = functools.partial(_epsilon, q=q, steps=steps, delta=delta, accountant=accountant)
+    hi = _upper_bracket(lambda s: eps(s), target, hi)
+    lo = hi / 2
+    while eps(lo) <= target:
+        if lo < 1e-3:  # such targets are reached by (almost) no noise
+            return lo
+        hi, lo = lo, lo / 2
+    while hi / lo > 1.01:
+        mid = math.sqrt(lo * hi)
+        if eps(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _upper_bracket(eps, target: float, sigma: float) -> float:
+    """A ``σ >= sigma`` with ``eps(σ) <= target``, doubling ``sigma`` until it is one."""
+    while eps(sigma) > target:
+        sigma *= 2
+        if sigma > 2.0**30:
+            raise ValueError(
+                f"target_epsilon={target} is out of reach: even noise_multiplier=2**30 exceeds it"
+            )
+    return sigma
