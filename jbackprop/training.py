@@ -6,9 +6,13 @@ Optax optimizer. With ``optax.sgd(eta)`` a step is eq 4, and with L2 on it is eq
 remainder that does not fill a minibatch is used as one smaller, last minibatch, so every
 example is visited every epoch.
 
-The key of epoch ``e`` is ``fold_in(key, e)``: an epoch's shuffle and dropout masks depend on
-nothing but the key and the epoch number, which is what makes an interrupted run resume
-bit-identically.
+With ``sampling="poisson"`` an epoch is instead ``round(n / m)`` steps, each over a Poisson
+sample: every example enters independently with probability ``q = m / n``, as the privacy
+accountants of :mod:`jbackprop.privacy` assume (:func:`run_poisson_epoch`).
+
+The key of epoch ``e`` is ``fold_in(key, e)``: an epoch's shuffle (or samples) and dropout
+masks depend on nothing but the key and the epoch number, which is what makes an interrupted
+run resume bit-identically.
 
 The epoch is written once, in :func:`run_epoch`; :func:`fit` compiles it for one model and
 :func:`jbackprop.fit_many` vmaps it over many. The compiled program depends on the model's
@@ -27,6 +31,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -39,7 +44,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jbackprop import checks
 from jbackprop.checks import Data, like, prepare
 from jbackprop.model import Model, Params
-from jbackprop.network import feedforward, minibatch_grad, objective
+from jbackprop.network import (
+    add_penalty_grads,
+    batch_deltas,
+    feedforward,
+    minibatch_grad,
+    objective,
+)
+from jbackprop.privacy import poisson_schedule, weighted_sums
 from jbackprop.state import TrainState
 
 __all__ = [
@@ -49,8 +61,11 @@ __all__ = [
     "evaluate",
     "fit",
     "run_epoch",
+    "run_poisson_epoch",
     "train_epoch",
 ]
+
+SAMPLINGS = ("shuffle", "poisson")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -166,12 +181,124 @@ def run_epoch(
     return carry
 
 
-def _batch_constraint(mesh: Mesh | None, size: int):
-    """Shard a minibatch over the mesh's batch axis when it divides evenly."""
-    if mesh is None or size % mesh.size:
-        return lambda x: x
-    sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+# --- one epoch of Poisson-sampled steps ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedMean:
+    """The non-private gradient of a Poisson-sampled step: :func:`jbackprop.grad` of the
+    examples drawn, built block by block (the protocol :class:`~jbackprop.privacy.DPGradient`
+    also follows)."""
+
+    def masked_sum(self, params: Params, X, Y, model: Model, key, weights) -> Params:
+        """``Σ_i w_i g_i`` over one block (eqs 9-10); padding has weight 0."""
+        acts, deltas = batch_deltas(params, X, Y, model, key if model.has_dropout else None)
+        return weighted_sums(acts, deltas, [weights] * len(deltas))
+
+    def finish(self, sums: Params, params: Params, model: Model, n, count, expected, key):
+        """The mean over the ``count`` examples drawn (a zero data term when none was),
+        plus the regulariser's gradient (eq 13)."""
+        size = jnp.maximum(count, 1).astype(jax.tree.leaves(sums)[0].dtype)
+        return add_penalty_grads(jax.tree.map(lambda s: s / size, sums), params, model, n)
+
+
+def poisson_capacity(n: int, batch_size: int, multiple: int = 1) -> int:
+    """Rows of one block of a Poisson-sampled step.
+
+    The expected size ``μ = q n = batch_size`` plus three standard deviations
+    ``sqrt(μ (1 - q))``, at most ``n``, rounded up to a multiple of ``multiple`` (the
+    devices a block is sharded over). It sets the cost of a step, never its sample: a
+    step that draws more examples processes them in further blocks, which happens in about
+    one step in 700 (the normal tail beyond 3σ).
+    """
+    q = batch_size / n
+    cap = min(n, math.ceil(batch_size + 3 * math.sqrt(batch_size * (1 - q))))
+    return -(-cap // multiple) * multiple
+
+
+def poisson_sample(key: Array, n: int, batch_size: int) -> Array:
+    """``(n,)`` booleans: each example is in the step's sample independently, with
+    probability ``floor(q 2³²) / 2³²`` for ``q = batch_size / n``, i.e. ``q`` to 2⁻³² and
+    never above it (32 random bits per example against an integer threshold)."""
+    if batch_size >= n:
+        return jnp.ones((n,), bool)
+    threshold = (batch_size << 32) // n  # floor(q 2^32), exact in integers
+    return jax.random.bits(key, (n,), jnp.uint32) < jnp.uint32(threshold)
+
+
+def run_poisson_epoch(
+    params: Params,
+    opt_state: Any,
+    model: Model,
+    X: Array,
+    Y: Array,
+    key: Array,
+    n: Any,
+    *,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    gradient: Any = None,
+    capacity: int | None = None,
+    shard: Callable[[Array], Array] = lambda x: x,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """``round(N / batch_size)`` steps of Poisson-sampled minibatches (``N = len(X)``).
+
+    Each step includes every training example independently with probability
+    ``q = batch_size / N`` (:func:`poisson_sample`), the sampling the privacy accountants
+    assume (Abadi et al. 2016; :func:`jbackprop.privacy.epsilon`). Shapes stay fixed: the
+    drawn examples are gathered into blocks of ``capacity`` rows (default
+    :func:`poisson_capacity`), the rows past the sample are padding of weight 0, and a
+    ``lax.while_loop`` runs as many blocks as the sample needs, so no drawn example is ever
+    dropped and no padding contributes, whatever the sample's size. The gradient is the sum
+    of ``gradient.masked_sum`` over the blocks, turned into the step's gradient by
+    ``gradient.finish`` once: for ``gradient=None`` (:class:`MaskedMean`) the mean over the
+    drawn examples, for :class:`~jbackprop.privacy.DPGradient` the clipped sum plus one
+    noise draw, divided by the expected size ``q N = batch_size``.
+
+    Traceable, unchecked; ``Y`` holds target vectors. ``key`` is split into one key per
+    step, and each step's into the sample's, the dropout masks' (folded with the block
+    number) and the noise's.
+    """
+    N = X.shape[0]
+    grad_fn = MaskedMean() if gradient is None else gradient
+    cap = poisson_capacity(N, batch_size) if capacity is None else capacity
+    _, steps = poisson_schedule(N, batch_size)
+    blocks = -(-N // cap)  # every example drawn still fits, so no slice is ever clamped
+
+    def step(carry, key):
+        params, opt_state = carry
+        k_sample, k_drop, k_finish = jax.random.split(key, 3)
+        drawn = poisson_sample(k_sample, N, batch_size)
+        count = jnp.sum(drawn, dtype=jnp.int32)
+        ids = jnp.nonzero(drawn, size=blocks * cap, fill_value=0)[0]
+
+        def block(state):
+            j, sums = state
+            rows = jax.lax.dynamic_slice(ids, (j * cap,), (cap,))
+            weights = (j * cap + jnp.arange(cap) < count).astype(X.dtype)
+            part = grad_fn.masked_sum(
+                params, shard(X[rows]), shard(Y[rows]), model,
+                jax.random.fold_in(k_drop, j), shard(weights),
+            )  # fmt: skip
+            return j + 1, jax.tree.map(jnp.add, sums, part)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        _, sums = jax.lax.while_loop(lambda s: s[0] * cap < count, block, (0, zeros))
+        g = grad_fn.finish(sums, params, model, n, count, batch_size, k_finish)
+        updates, opt_state = optimizer.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def body(carry, xs):
+        i, k = xs
+        if progress is not None:
+            report = lambda: jax.debug.callback(progress, i, steps)  # noqa: E731
+            jax.lax.cond(i % max(1, steps // 50) == 0, report, lambda: None)
+        return step(carry, k), None
+
+    step_keys = jax.random.split(key, steps)
+    carry, _ = jax.lax.scan(body, (params, opt_state), (jnp.arange(steps), step_keys))
+    return carry
 
 
 class _Opaque(Exception):
@@ -238,6 +365,7 @@ def _compiled_epoch(
     gradient: Callable | None = None,
     impl: Any = None,
     progress: Callable | None = None,
+    sampling: str = "shuffle",
 ) -> Callable:
     """The jitted epoch ``(params, opt_state, model, X, Y, key_data, n)`` for these
     settings, built once per distinct setting (the last 64 are kept).
@@ -249,12 +377,20 @@ def _compiled_epoch(
         key = (fingerprint(optimizer), batch_size, mesh, fingerprint(gradient), impl, progress)
     except _Opaque:
         key = (("id", optimizer), batch_size, mesh, ("id", gradient), impl, progress)
+    key = key if sampling == "shuffle" else (*key, sampling)
     if key in _EPOCHS:
         _EPOCHS.move_to_end(key)
         return _EPOCHS[key]
 
     def epoch(params, opt_state, model, X, Y, key_data, n):
         key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
+        if sampling == "poisson":
+            cap = poisson_capacity(X.shape[0], batch_size, 1 if mesh is None else mesh.size)
+            return run_poisson_epoch(
+                params, opt_state, model, X, Y, key, n,
+                optimizer=optimizer, batch_size=batch_size, gradient=gradient, capacity=cap,
+                shard=_batch_constraint(mesh, cap), progress=progress,
+            )  # fmt: skip
         k_perm, k_drop = jax.random.split(key)
         perm = jax.random.permutation(k_perm, X.shape[0])
         return run_epoch(
@@ -283,8 +419,10 @@ def train_epoch(
     optimizer: optax.GradientTransformation,
     batch_size: int,
     gradient: Callable | None = None,
+    sampling: str = "shuffle",
 ) -> tuple[Params, Any]:
-    """One compiled epoch of :func:`fit`: shuffle with ``key``, then every minibatch.
+    """One compiled epoch of :func:`fit`: shuffle with ``key``, then every minibatch
+    (or, with ``sampling="poisson"``, ``round(n / batch_size)`` Poisson-sampled steps).
 
     Args:
       params: a tuple of ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dicts.
@@ -294,14 +432,15 @@ def train_epoch(
       Y: target vectors ``(n, n_L)`` (one-hot for classes).
       key: PRNG key of this epoch; :func:`fit` uses ``jax.random.fold_in(key, epoch)``.
       n: training-set size of eqs 12-15 (defaults to ``len(X)``).
-      optimizer, batch_size, gradient: as for :func:`fit`.
+      optimizer, batch_size, gradient, sampling: as for :func:`fit`.
 
     Returns ``(params, opt_state)`` after the epoch. Arguments are not checked beyond
     what tracing does; use :func:`fit` for a checked loop. Equal settings reuse one
     compiled program.
     """
     impl = jax.random.key_impl(key) if _typed_key(key) else None
-    run = _compiled_epoch(optimizer, int(batch_size), None, gradient, impl)
+    check_sampling(sampling, gradient)
+    run = _compiled_epoch(optimizer, int(batch_size), None, gradient, impl, None, sampling)
     n = X.shape[0] if n is None else n
     return run(tuple(params), opt_state, model, X, Y, _key_data(key), n)
 
@@ -341,6 +480,19 @@ def check_fit_args(data: Data, epochs, batch_size, patience=None, mesh=None) -> 
             "sharded over"
         )
     return epochs, int(batch_size)
+
+
+def check_sampling(sampling: str, gradient: Any) -> None:
+    """``sampling`` is known, and a Poisson-sampled step can build ``gradient``."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    blockwise = all(hasattr(gradient, name) for name in ("masked_sum", "finish"))
+    if sampling == "poisson" and gradient is not None and not blockwise:
+        raise ValueError(
+            "sampling='poisson' needs gradient=None or a jbackprop.privacy.DPGradient (an "
+            "object with masked_sum and finish methods), because a step's sample arrives in "
+            f"fixed-size blocks; got {gradient!r}"
+        )
 
 
 def check_optimizer(optimizer) -> None:
@@ -384,6 +536,7 @@ def fit(
     allow_nonfinite: bool = False,
     gradient: Callable | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sampling: str = "shuffle",
 ) -> tuple[Params, list[dict[str, float]]]:
     """Train by minibatch SGD; return the final (or best) params and a per-epoch history.
 
@@ -407,6 +560,15 @@ def fit(
       gradient: replaces :func:`jbackprop.grad` in each step; a hashable callable
         ``(params, X, Y, model, n, key) -> grads`` traced inside the compiled epoch, given
         a fresh key per step (e.g. :class:`jbackprop.privacy.DPGradient`).
+      sampling: ``"shuffle"`` (default): every epoch a fresh shuffle cut into minibatches
+        of ``batch_size``. ``"poisson"``: every epoch ``round(n / batch_size)`` steps, each
+        over a sample that holds every example independently with probability
+        ``q = batch_size / n`` (see :func:`run_poisson_epoch`); the step's gradient is the
+        mean over the examples drawn, or with ``gradient=DPGradient(...)`` the noisy
+        clipped sum divided by ``batch_size``, the mechanism whose ``ε``
+        :func:`jbackprop.privacy.epsilon` gives for
+        ``jbackprop.privacy.poisson_schedule(n, batch_size, epochs)``. Here ``n`` is
+        ``len(X)``, which may differ from the ``n`` of eqs 12-15 when that is given.
 
     Each history record holds ``epoch``, ``train_cost``, ``train_accuracy``, ``val_cost``
     and ``val_accuracy`` (with validation) and ``seconds``. Raises
@@ -414,6 +576,7 @@ def fit(
     """
     given = params
     check_optimizer(optimizer)
+    check_sampling(sampling, gradient)
     tr = prepare(params, model, train, "train", allow_nonfinite)
     val = None if validation is None else prepare(params, model, validation, "validation")
     mesh = _resolve_mesh(devices)
@@ -425,7 +588,7 @@ def fit(
     key = _as_key(key)
     state = resume or TrainState(tuple(params), optimizer.init(tuple(params)), 0)
     impl = jax.random.key_impl(key) if _typed_key(key) else None
-    run = _compiled_epoch(optimizer, batch_size, mesh, gradient, impl, progress)
+    run = _compiled_epoch(optimizer, batch_size, mesh, gradient, impl, progress, sampling)
     # With a mesh, data and state are replicated on every device (of every process); each
     # step's minibatch is then sharded over the batch axis inside the compiled epoch.
     tr_eval, val = _place_data(tr, mesh, shard=True), _place_data(val, mesh, shard=True)

@@ -1,0 +1,167 @@
+"""fit(..., sampling="poisson"): the sample each step draws, the steps per epoch, and
+gradients that equal an explicit computation on the drawn examples (padding adds nothing)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jbackprop as jb
+from jbackprop import training
+
+MODEL = jb.Model(sizes=(3, 5, 2), hidden="tanh", output="softmax", cost="log_likelihood", l2=0.4)
+N, B, ETA = 13, 5, 0.3  # q = 5/13, round(13/5) = 3 steps per epoch
+
+
+@pytest.fixture
+def problem():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(N, 3))
+        y = rng.integers(0, 2, N)
+        params = jb.init_params(jax.random.key(1), MODEL, dtype=jnp.float64)
+        yield params, X, y
+
+
+def _samples(key, epoch: int) -> list[np.ndarray]:
+    """The examples each step of ``epoch`` draws, as fit draws them: the epoch key
+    ``fold_in(key, epoch)`` is split into one key per step, whose first third samples."""
+    _, steps = jb.privacy.poisson_schedule(N, B)
+    step_keys = jax.random.split(jax.random.fold_in(key, epoch), steps)
+    return [np.asarray(training.poisson_sample(jax.random.split(k, 3)[0], N, B)) for k in step_keys]
+
+
+def _finish_keys(key, epoch: int) -> list:
+    _, steps = jb.privacy.poisson_schedule(N, B)
+    step_keys = jax.random.split(jax.random.fold_in(key, epoch), steps)
+    return [jax.random.split(k, 3)[2] for k in step_keys]
+
+
+def _manual(params, X, y, key, epochs, grad_of_sample):
+    """Plain SGD over the drawn samples, one step per sample."""
+    for epoch in range(1, epochs + 1):
+        for drawn, k in zip(_samples(key, epoch), _finish_keys(key, epoch), strict=True):
+            assert drawn.any()  # these keys draw no empty sample, which jb.grad would refuse
+            g = grad_of_sample(params, X[drawn], y[drawn], k)
+            params = jax.tree.map(lambda p, d: p - ETA * d, params, g)
+    return params
+
+
+def _assert_close(a, b, tol=1e-12):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+
+
+def test_non_private_steps_are_grad_on_the_drawn_examples(problem):
+    params, X, y = problem
+    key = jax.random.key(3)
+    got, _ = jb.fit(params, MODEL, (X, y), optax.sgd(ETA), 2, B, key, sampling="poisson")
+    want = _manual(params, X, y, key, 2, lambda p, Xs, ys, _: jb.grad(p, Xs, ys, MODEL, n=N))
+    _assert_close(got, want)
+    sizes = [s.sum() for e in (1, 2) for s in _samples(key, e)]
+    assert len(set(sizes)) > 1  # the minibatch size varies from step to step
+
+
+@pytest.mark.parametrize("capacity", [None, 2])  # 2: a step's sample fills several blocks
+def test_private_steps_divide_the_noisy_clipped_sum_by_the_expected_size(problem, capacity):
+    params, X, y = problem
+    key, dp = jax.random.key(4), jb.privacy.DPGradient(clip=(0.3, 0.2), noise_multiplier=0.8)
+
+    def private(p, Xs, ys, k):
+        return jb.clipped_grad(
+            p, Xs, ys, MODEL, N, clip=(0.3, 0.2), noise_multiplier=0.8, noise_key=k,
+            denominator=B,
+        )  # fmt: skip
+
+    want = _manual(params, X, y, key, 1, private)
+    Y = jax.nn.one_hot(y, 2, dtype=jnp.float64)
+    opt = optax.sgd(ETA)
+    got, _ = jax.jit(
+        lambda p, s, k: training.run_poisson_epoch(
+            p,
+            s,
+            MODEL,
+            jnp.asarray(X),
+            Y,
+            k,
+            N,
+            optimizer=opt,
+            batch_size=B,
+            gradient=dp,
+            capacity=capacity,
+        )
+    )(params, opt.init(params), jax.random.fold_in(key, 1))
+    _assert_close(got, want)
+
+
+def test_padding_rows_add_nothing_even_when_huge(problem):
+    """Rows past a step's sample repeat example 0 with weight 0: when example 0 is never
+    drawn, making its gradient enormous must change nothing, clipping included."""
+    params, X, y = problem
+    key = next(
+        k
+        for k in (jax.random.key(s) for s in range(100))
+        if not any(drawn[0] for drawn in _samples(k, 1))
+    )
+    dp = jb.privacy.DPGradient(clip=0.5, noise_multiplier=1.0)
+    Xbig = X.copy()
+    Xbig[0] = [1e6, -1e6, 1e6]
+    kw = {"key": key, "gradient": dp, "sampling": "poisson"}
+    got, _ = jb.fit(params, MODEL, (Xbig, y), optax.sgd(ETA), 1, B, n=N, **kw)
+    want, _ = jb.fit(params, MODEL, (X, y), optax.sgd(ETA), 1, B, n=N, **kw)
+    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_inclusion_rate_is_q_and_never_above():
+    n, b = 200_000, 777
+    q = b / n
+    drawn = np.asarray(training.poisson_sample(jax.random.key(0), n, b))
+    se = np.sqrt(q * (1 - q) / n)
+    assert abs(drawn.mean() - q) < 4 * se
+    again = np.asarray(training.poisson_sample(jax.random.key(1), n, b))
+    assert abs((drawn & again).mean() - q * q) < 4 * np.sqrt(q * q / n)  # independent steps
+    assert training.poisson_sample(jax.random.key(0), 10, 10).all()  # q = 1
+    threshold = (b << 32) // n
+    assert threshold / 2**32 <= q < (threshold + 1) / 2**32
+
+
+@pytest.mark.parametrize(("n", "b", "steps"), [(10, 3, 3), (10, 4, 3), (10, 10, 1), (9, 2, 5)])
+def test_steps_per_epoch_is_n_over_batch_size_rounded(n, b, steps):
+    X = np.zeros((n, 3), np.float32)
+    Y = np.zeros((n, 2), np.float32)
+    params = jb.init_params(jax.random.key(0), jb.Model(sizes=(3, 2)))
+    opt = optax.adam(0.1)
+    _, state = training.train_epoch(
+        params, opt.init(params), jb.Model(sizes=(3, 2)), X, Y, jax.random.key(1),
+        optimizer=opt, batch_size=b, sampling="poisson",
+    )  # fmt: skip
+    assert int(state[0].count) == steps == jb.privacy.poisson_schedule(n, b)[1]
+
+
+def test_capacity_covers_three_standard_deviations():
+    assert training.poisson_capacity(50_000, 256) == 304  # 256 + 3 * 15.96, rounded up
+    assert training.poisson_capacity(50_000, 256, multiple=8) == 304
+    assert training.poisson_capacity(50_000, 250, multiple=8) == 304
+    assert training.poisson_capacity(10, 10) == 10
+
+
+def test_resume_is_bit_identical_and_arguments_are_checked(problem):
+    params, X, y = problem
+    kw = {"key": jax.random.key(5), "sampling": "poisson"}
+    opt = optax.adam(0.05)
+    dp = jb.privacy.DPGradient(clip=1.0, noise_multiplier=1.0)
+    states = []
+    full, _ = jb.fit(params, MODEL, (X, y), opt, 2, B, gradient=dp, on_epoch=states.append, **kw)
+    resumed, history = jb.fit(params, MODEL, (X, y), opt, 2, B, gradient=dp, resume=states[0], **kw)
+    for u, v in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert [r["epoch"] for r in history] == [1, 2]
+    with pytest.raises(ValueError, match="sampling"):
+        jb.fit(params, MODEL, (X, y), opt, 1, B, key=jax.random.key(0), sampling="uniform")
+    with pytest.raises(ValueError, match="masked_sum"):
+        jb.fit(params, MODEL, (X, y), opt, 1, B, key=jax.random.key(0), sampling="poisson",
+               gradient=lambda p, X, Y, model, n, key: jb.grad(p, X, Y, model, n))  # fmt: skip
