@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import re
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -260,3 +262,300 @@ def test_bad_batch_arguments():
         jb.clipped_grad(params, X[:, :2], Y, model, n, key, **kw)
     with pytest.raises(ValueError, match="key is required"):
         jb.per_example_norms(params, X, Y, model)
+
+
+# --- per-layer clipping -----------------------------------------------------------------
+
+
+def _layer_norms(pe) -> np.ndarray:
+    """(m, L): the norm of each example's (w, b) gradient of each layer, from stored ones."""
+    return np.stack(
+        [
+            np.sqrt(
+                np.sum(np.asarray(l["w"]) ** 2, axis=(1, 2)) + np.sum(np.asarray(l["b"]) ** 2, 1)
+            )
+            for l in pe
+        ],
+        axis=1,
+    )
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_per_layer_clipping_matches_stored_per_example_grads(x64, name):
+    model = MODELS[name]
+    params, X, Y, key, n = _problem(model, jnp.float64, seed=19)
+    pe = jb.per_example_grads(params, X, Y, model, key=key)
+    norms = _layer_norms(pe)
+    bounds = tuple(float(b) for b in 0.7 * norms.max(axis=0))  # the largest are clipped
+    with np.errstate(divide="ignore"):
+        factors = np.minimum(1.0, np.asarray(bounds) / norms)  # (m, L); a zero gradient: 1
+    assert 0 < (factors < 1).sum() < factors.size
+    want = []
+    for l, layer in enumerate(pe):
+        c = factors[:, l]
+        w = np.einsum("i,ijk->jk", c, np.asarray(layer["w"])) / M
+        want.append({"w": w, "b": c @ np.asarray(layer["b"]) / M})
+    want = _add_penalty(tuple(jax.tree.map(jnp.asarray, want)), params, model, n)
+
+    got = jb.clipped_grad(params, X, Y, model, n, key, clip=bounds, noise_multiplier=0.0)
+    _assert_trees_close(got, want, rtol=1e-11, atol=1e-13)
+    # a list or an array of bounds is the same request
+    again = jb.clipped_grad(
+        params, X, Y, model, n, key, clip=np.asarray(bounds), noise_multiplier=0
+    )
+    _assert_trees_close(again, got, rtol=0, atol=0)
+
+
+def test_per_layer_noise_is_scaled_to_the_norm_of_the_bounds(x64):
+    """σ sqrt(Σ C_l²): the same draws as whole-gradient clipping at C = sqrt(Σ C_l²). The
+    bounds are large enough to clip nothing, so the clipped sums agree too."""
+    model = MODELS["relu-softmax-3-dropout-l2-l1"]
+    params, X, Y, key, n = _problem(model, jnp.float64, seed=23)
+    bounds = (30.0, 40.0, 120.0)  # sqrt(900 + 1600 + 14400) = 130
+    assert np.asarray(jb.per_example_norms(params, X, Y, model, key)).max() < 30
+    kw = {"noise_multiplier": 0.7, "noise_key": jax.random.key(5)}
+    per_layer = jb.clipped_grad(params, X, Y, model, n, key, clip=bounds, **kw)
+    whole = jb.clipped_grad(params, X, Y, model, n, key, clip=130.0, **kw)
+    _assert_trees_close(per_layer, whole, rtol=1e-12, atol=1e-12)
+    plain = jb.grad(params, X, Y, model, n, key)
+    noise = _flat(per_layer) - _flat(plain)
+    assert abs(noise.std() / (0.7 * 130.0 / M) - 1) < 0.25  # 83 coordinates
+
+
+def test_dp_gradient_per_layer_and_its_arguments(x64):
+    model = MODELS["sigmoid-2"]
+    params, X, Y, _, _ = _problem(model, jnp.float64, seed=29)
+    dp = jb.privacy.DPGradient(clip=[0.05, 0.1], noise_multiplier=0.5)
+    assert dp.clip == (0.05, 0.1) and hash(dp) == hash(jb.privacy.DPGradient((0.05, 0.1), 0.5))
+    k = jax.random.key(7)
+    noise_key = jax.random.split(k)[1]
+    want = jb.clipped_grad(
+        params, X, Y, model, clip=(0.05, 0.1), noise_multiplier=0.5, noise_key=noise_key
+    )
+    _assert_trees_close(dp(params, X, Y, model, None, k), want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="2 bounds"):
+        jb.privacy.DPGradient(clip=(1.0, 1.0, 1.0))(params, X, Y, model, None, k)
+    with pytest.raises(ValueError, match="2 bounds"):
+        jb.clipped_grad(params, X, Y, model, clip=(1.0,), noise_multiplier=0.0)
+    with pytest.raises(ValueError, match=r"clip\[1\]"):
+        jb.privacy.DPGradient(clip=(1.0, 0.0))
+    with pytest.raises(ValueError, match="key is required"):
+        dp(params, X, Y, model, None, None)
+
+
+# --- weights: padding that contributes nothing -----------------------------------------
+
+
+def test_zero_weight_rows_contribute_nothing_not_even_to_clipping(x64):
+    model = jb.Model(sizes=(4, 6, 5, 3), hidden="relu", output="softmax", cost="log_likelihood")
+    params, X, Y, _, _ = _problem(model, jnp.float64, seed=31)
+    keep = np.array([True, False, True, True, False, True])
+    # padding rows with huge gradients: were they clipped with the rest, the sum would move
+    Xpad = np.asarray(X).copy()
+    Xpad[~keep] *= 1e3
+    kw = {"clip": (0.2, 0.3, 0.5), "noise_multiplier": 0.0}
+    got = jb.clipped_grad(params, Xpad, Y, model, weights=keep, denominator=10.0, **kw)
+    sub = jb.clipped_grad(params, X[keep], Y[keep], model, **kw)  # divided by 4
+    want = jax.tree.map(lambda s: s * keep.sum() / 10.0, sub)
+    _assert_trees_close(got, want, rtol=1e-11, atol=1e-13)
+    with pytest.raises(ValueError, match="weights"):
+        jb.clipped_grad(params, X, Y, model, weights=np.ones(5), **kw)
+    with pytest.raises(ValueError, match="weights"):
+        jb.clipped_grad(params, X, Y, model, weights=2 * np.ones(M), **kw)
+    with pytest.raises(ValueError, match="denominator"):
+        jb.clipped_grad(params, X, Y, model, denominator=0.0, **kw)
+
+
+# --- DPGradient called directly --------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [3, M])  # m = n_L flipped the gradient's sign; m != n_L raised
+def test_dp_gradient_with_integer_labels_equals_one_hot(x64, m):
+    model = MODELS["sigmoid-2"]  # 3 outputs
+    params, X, _, _, _ = _problem(model, jnp.float64, seed=37, m=m)
+    Y = jnp.asarray(np.random.default_rng(37).integers(0, 3, size=m))
+    dp = jb.privacy.DPGradient(clip=0.5, noise_multiplier=1.0)
+    k = jax.random.key(11)
+    got = dp(params, X, Y, model, None, k)
+    want = dp(params, X, jax.nn.one_hot(Y, 3, dtype=jnp.float64), model, None, k)
+    _assert_trees_close(got, want, rtol=0, atol=0)
+    ref = jb.clipped_grad(
+        params, X, Y, model, clip=0.5, noise_multiplier=1.0, noise_key=jax.random.split(k)[1]
+    )
+    _assert_trees_close(got, ref, rtol=1e-12, atol=1e-14)
+    # and it checks its arguments like every public function
+    with pytest.raises(ValueError, match="labels"):
+        dp(params, X, Y + 3, model, None, k)
+    with pytest.raises(ValueError, match="X has shape"):
+        dp(params, X[:, :2], Y, model, None, k)
+
+
+# --- accounting ---------------------------------------------------------------------------
+
+# TF-Privacy's RDP orders, for the classic conversion its tutorials report.
+TF_ORDERS = np.array([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)))
+
+
+def _log_moment(q: float, sigma: float, alpha: float) -> float:
+    """``log A_α``, ``A_α = E_{z~N(0,σ²)}[((1-q) + q exp((2z-1)/(2σ²)))^α]``: the Rényi
+    moment of the Poisson-subsampled Gaussian (Mironov, Talwar and Zhang 2019, section 3),
+    by quadrature in the log domain: an oracle independent of dp-accounting."""
+    from scipy.integrate import simpson
+
+    z = np.linspace(-12 * sigma, alpha + 12 * sigma, 8001)
+    s2 = sigma * sigma
+    log_f = -z * z / (2 * s2) + alpha * np.logaddexp(
+        np.log1p(-q), np.log(q) + (2 * z - 1) / (2 * s2)
+    )
+    top = log_f.max()
+    return top + np.log(simpson(np.exp(log_f - top), x=z) / (sigma * np.sqrt(2 * np.pi)))
+
+
+def _rdp_epsilons(sigma, q, steps, delta) -> tuple[float, float]:
+    """(classic, improved) ε from the oracle's RDP curve: Mironov 2017 Prop. 3, and
+    Canonne, Kamath and Steinke 2020 Prop. 12."""
+    a = TF_ORDERS
+    rdp = np.array([steps * _log_moment(q, sigma, x) / (x - 1) for x in a])
+    classic = np.min(rdp + np.log(1 / delta) / (a - 1))
+    improved = np.min(rdp + np.log1p(-1 / a) - np.log(delta * a) / (a - 1))
+    return float(classic), float(improved)
+
+
+@pytest.mark.parametrize(
+    ("sigma", "epochs", "tf_privacy"),
+    [(1.12, 60, 2.92), (0.6, 30, 9.74), (1.2, 10, 1.20)],  # TF-Privacy's MNIST table
+)
+def test_rdp_epsilon_against_tf_privacy_figures(sigma, epochs, tf_privacy):
+    q, steps = 256 / 60000, int(np.ceil(epochs * 60000 / 256))  # as TF-Privacy counts
+    classic, improved = _rdp_epsilons(sigma, q, steps, 1e-5)
+    assert abs(classic - tf_privacy) < 0.02  # the oracle reproduces the published figure
+    got = jb.privacy.epsilon(sigma, q, steps, 1e-5)
+    assert got == pytest.approx(improved, rel=5e-3)  # dp-accounting's tighter conversion
+    assert got < classic
+
+
+def test_abadi_mnist_setting_pinned():
+    """σ=1.1, q=256/60000, 60 epochs, δ=1e-5 (Abadi et al.; TF-Privacy's tutorial):
+    ε = 3.01 by the classic conversion, 2.60 by dp-accounting's RDP, 2.38 by PLD."""
+    q, steps = 256 / 60000, 14063
+    assert jb.privacy.epsilon(1.1, q, steps, 1e-5) == pytest.approx(2.597, abs=2e-3)
+    assert _rdp_epsilons(1.1, q, steps, 1e-5)[0] == pytest.approx(3.008, abs=2e-3)
+    assert jb.privacy.epsilon(1.1, q, steps, 1e-5, "pld") == pytest.approx(2.382, abs=5e-3)
+
+
+def _gaussian_delta(eps: float, mu: float) -> float:
+    """δ(ε) of the Gaussian mechanism with sensitivity/std ``mu`` (Balle and Wang 2018)."""
+    from scipy.stats import norm
+
+    return norm.cdf(mu / 2 - eps / mu) - np.exp(eps) * norm.cdf(-mu / 2 - eps / mu)
+
+
+def _subsampled_delta(eps: float, sigma: float, q: float) -> float:
+    """δ(ε) of ONE Poisson-subsampled Gaussian step, exactly: the hockey-stick divergence
+    between ``(1-q) N(0,σ²) + q N(1,σ²)`` and ``N(0,σ²)``, in both directions, whose
+    privacy-loss sets are half-lines."""
+    from scipy.stats import norm
+
+    s2, e = sigma * sigma, np.exp(eps)
+    z = s2 * np.log((e - (1 - q)) / q) + 0.5  # remove: the loss exceeds ε for x > z
+    remove = (1 - q) * norm.sf(z / sigma) + q * norm.sf((z - 1) / sigma) - e * norm.sf(z / sigma)
+    r = (1 / e - (1 - q)) / q
+    if r <= 0:
+        return float(remove)
+    z = s2 * np.log(r) + 0.5  # add: the loss exceeds ε for x < z
+    add = norm.cdf(z / sigma) - e * ((1 - q) * norm.cdf(z / sigma) + q * norm.cdf((z - 1) / sigma))
+    return float(max(remove, add))
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.0, 1.0, 10), (0.8, 0.1, 1), (1.1, 0.01, 1)])
+def test_pld_epsilon_is_exact_where_the_answer_is_known(sigma, q, steps):
+    """q = 1: T Gaussians compose to one with σ/√T; T = 1: one subsampled step."""
+    from scipy.optimize import brentq
+
+    if q == 1:
+        exact = brentq(lambda e: _gaussian_delta(e, np.sqrt(steps) / sigma) - 1e-5, 0, 100)
+    else:
+        exact = brentq(lambda e: _subsampled_delta(e, sigma, q) - 1e-5, 1e-9, 50)
+    got = jb.privacy.epsilon(sigma, q, steps, 1e-5, accountant="pld")
+    assert got == pytest.approx(exact, rel=1e-4)
+    assert jb.privacy.epsilon(sigma, q, steps, 1e-5, accountant="rdp") >= got
+
+
+def test_epsilon_is_monotone():
+    eps = partial(jb.privacy.epsilon, delta=1e-5)
+    base = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 1000}
+    sigmas = [eps(**{**base, "noise_multiplier": s}) for s in (0.7, 1.0, 1.5, 3.0)]
+    rates = [eps(**{**base, "sample_rate": q}) for q in (0.001, 0.01, 0.1, 1.0)]
+    steps = [eps(**{**base, "steps": t}) for t in (1, 100, 1000, 10000)]
+    assert sigmas == sorted(sigmas, reverse=True) and len(set(sigmas)) == 4
+    assert rates == sorted(rates) and len(set(rates)) == 4
+    assert steps == sorted(steps) and len(set(steps)) == 4
+    deltas = [jb.privacy.epsilon(1.0, 0.01, 1000, d) for d in (1e-7, 1e-5, 1e-3)]
+    assert deltas == sorted(deltas, reverse=True)
+    assert jb.privacy.epsilon(0.0, 0.01, 10, 1e-5) == np.inf
+    assert isinstance(jb.privacy.epsilon(1.0, 0.01, 10, 1e-5), float)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_calibrate_noise_inverts_epsilon(accountant):
+    # PLD is slow for subsampled steps; q = 1 (plain Gaussians) keeps this test quick
+    q, steps, delta = (0.02, 500, 1e-5) if accountant == "rdp" else (1.0, 5, 1e-5)
+    for target in (1.0, 4.0) if accountant == "rdp" else (2.0,):
+        sigma = jb.privacy.calibrate_noise(target, q, steps, delta, accountant)
+        assert jb.privacy.epsilon(sigma, q, steps, delta, accountant) <= target
+        assert jb.privacy.epsilon(sigma / 1.01, q, steps, delta, accountant) > target
+    # and back: the σ of a known ε is found again, to 1%
+    eps = jb.privacy.epsilon(1.3, q, steps, delta, accountant)
+    assert jb.privacy.calibrate_noise(eps, q, steps, delta, accountant) == pytest.approx(
+        1.3, rel=0.01
+    )
+
+
+def test_poisson_schedule():
+    assert jb.privacy.poisson_schedule(60000, 256, 60) == (256 / 60000, 60 * 234)
+    assert jb.privacy.poisson_schedule(10, 4) == (0.4, 3)  # 2.5 steps round up
+    assert jb.privacy.poisson_schedule(10, 3, 2) == (0.3, 6)
+    with pytest.raises(ValueError, match="batch_size"):
+        jb.privacy.poisson_schedule(10, 11)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sample_rate": 0.0}, "sample_rate"),
+        ({"sample_rate": 1.5}, "sample_rate"),
+        ({"sample_rate": float("nan")}, "sample_rate"),
+        ({"sample_rate": "all"}, "sample_rate"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 10.0}, "steps"),
+        ({"steps": True}, "steps"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"accountant": "prv"}, "accountant"),
+        ({"noise_multiplier": -1.0}, "noise_multiplier"),
+        ({"noise_multiplier": float("inf")}, "noise_multiplier"),
+        ({"target_epsilon": 0.0}, "target_epsilon"),
+        ({"target_epsilon": -1.0}, "target_epsilon"),
+    ],
+)
+def test_accounting_arguments_are_checked(kwargs, match):
+    args = {"sample_rate": 0.01, "steps": 100, "delta": 1e-5, "accountant": "rdp", **kwargs}
+    target = args.pop("target_epsilon", None)
+    sigma = args.pop("noise_multiplier", None)
+    if sigma is None:  # the schedule's checks are shared by both functions
+        with pytest.raises(ValueError, match=match):
+            jb.privacy.calibrate_noise(1.0 if target is None else target, **args)
+    if target is None:
+        with pytest.raises(ValueError, match=match):
+            jb.privacy.epsilon(1.0 if sigma is None else sigma, **args)
+
+
+def test_readme_private_training_example_runs():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    found = re.search(r"<!-- privacy-example -->\s*```python\n(.*?)```", readme.read_text(), re.S)
+    assert found, "README has no block marked <!-- privacy-example -->"
+    namespace: dict = {}
+    exec(compile(found[1], str(readme), "exec"), namespace)
+    assert namespace["q"] == 0.05 and namespace["steps"] == 100
+    assert namespace["eps_pld"] <= namespace["eps"] <= 2.0
+    assert len(namespace["history"]) == 5
