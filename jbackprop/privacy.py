@@ -225,11 +225,21 @@ def _check_accounting(sample_rate, steps, delta, accountant) -> tuple[float, int
 def per_example_norms(
     params: Params, X: Array, Y: Array, model: Model, key: Array | None = None
 ) -> Array:
-    """``‖∂C_{x_i}/∂p‖`` for every example, shape ``(m,)``, over all layers' ``w`` and ``b``.
+    """``‖∂C_{x_i}/∂p‖`` for every example, over all layers' ``w`` and ``b``.
 
     These are the norms of :func:`jbackprop.per_example_grads` (unregularised, with the
     same dropout masks for the same ``key``), computed from ``‖δ‖`` and ``‖a‖`` without
     forming any per-example gradient.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer.
+      X: inputs ``(m, n_0)``.
+      Y: targets ``(m, n_L)`` or integer labels ``(m,)``.
+      model: the network.
+      key: draws the dropout masks; required when the model has dropout.
+
+    Returns:
+      The norms, shape ``(m,)``.
     """
     params, X, Y = checks.batch(params, X, Y, model, None, key, regularised=False)
     return _per_example_norms(params, X, Y, model, key)
@@ -356,17 +366,41 @@ class DPGradient:
 
     def masked_sum(self, params: Params, X, Y, model: Model, key, weights) -> Params:
         """``Σ_i w_i clip(g_i)`` over one block of a Poisson-sampled step (traceable and
-        unchecked; ``Y`` one-hot). ``weights`` ``(m,)`` are 1 for the sampled examples and 0
-        for the padding, which therefore adds nothing, not even through the clipping.
-        ``key`` draws the block's dropout masks."""
+        unchecked), from one forward and one backward pass.
+
+        Args:
+          params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer.
+          X: the block's inputs ``(m, n_0)``.
+          Y: its target vectors ``(m, n_L)``.
+          model: the network.
+          key: draws the block's dropout masks (unused without dropout).
+          weights: ``(m,)``, 1 for the sampled examples and 0 for the padding, which
+            therefore adds nothing, not even through the clipping.
+
+        Returns:
+          The weighted sum of the clipped gradients, structured like ``params``.
+        """
         clip = _as_dtype(_check_clip(self.clip, model.num_layers), X.dtype)
         return private_sum(params, X, Y, model, key if model.has_dropout else None, clip, weights)
 
-    def finish(self, sums: Params, params: Params, model: Model, n, count, expected, key):
-        """One Poisson-sampled step's gradient from its clipped sum: add ``N(0, (σC)²)`` to
-        every coordinate (one draw per step, from ``key``), divide by the *expected*
-        minibatch size ``expected = q n`` (not the drawn ``count``, which would depend on
-        the data set), add the regulariser's gradient."""
+    def finish(self, sums: Params, params: Params, model: Model, n, count, expected, key) -> Params:
+        """One Poisson-sampled step's gradient from its clipped sum (traceable): add
+        ``N(0, (σC)²)`` to every coordinate, divide by the expected minibatch size, add
+        the regulariser's gradient.
+
+        Args:
+          sums: :meth:`masked_sum` added up over the step's blocks.
+          params: the parameters, for the regulariser's gradient (eq 13).
+          model: the network.
+          n: training-set size of eqs 12-15.
+          count: the number of examples drawn; unused, since dividing by it would make
+            the result depend on the data set beyond the clipped sum.
+          expected: the expected minibatch size ``q n``, public.
+          key: draws the step's noise.
+
+        Returns:
+          The step's private gradient, structured like ``params``.
+        """
         dtype = jax.tree.leaves(sums)[0].dtype
         clip = _as_dtype(_check_clip(self.clip, model.num_layers), dtype)
         std = sensitivity(clip) * jnp.asarray(self.noise_multiplier, dtype)

@@ -256,9 +256,27 @@ def run_poisson_epoch(
     drawn examples, for :class:`~jbackprop.privacy.DPGradient` the clipped sum plus one
     noise draw, divided by the expected size ``q N = batch_size``.
 
-    Traceable, unchecked; ``Y`` holds target vectors. ``key`` is split into one key per
-    step, and each step's into the sample's, the dropout masks' (folded with the block
-    number) and the noise's.
+    Traceable, unchecked. :func:`fit` jits this for ``sampling="poisson"``.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer.
+      opt_state: the optimizer's state.
+      model: the network; its ``l2``, ``l1`` and ``dropout`` may be traced.
+      X: inputs ``(N, n_0)``, an array.
+      Y: target vectors ``(N, n_L)``.
+      key: split into one key per step, and each step's into the sample's, the dropout
+        masks' (folded with the block number) and the noise's.
+      n: training-set size of eqs 12-15.
+      optimizer: an ``optax.GradientTransformation``.
+      batch_size: the expected minibatch size ``q N``.
+      gradient: ``None`` or an object with ``masked_sum`` and ``finish`` methods, such as
+        :class:`~jbackprop.privacy.DPGradient`.
+      capacity: rows per block; :func:`poisson_capacity` by default.
+      shard: applied to every block's arrays (a sharding constraint).
+      progress: called with ``(step, steps)`` about 50 times per epoch.
+
+    Returns:
+      ``(params, opt_state)`` after the epoch.
     """
     N = X.shape[0]
     grad_fn = MaskedMean() if gradient is None else gradient
