@@ -30,6 +30,9 @@ import jbackprop as jb
 from jbackprop import data
 from jbackprop.experiments import mnist
 
+# End-to-end runs in subprocesses: the full suite runs them, the quick tier does not.
+pytestmark = pytest.mark.slow
+
 CLI = [sys.executable, "-m", "jbackprop.experiments.mnist"]
 ENV = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 240

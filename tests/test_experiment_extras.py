@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# End-to-end runs in subprocesses: the full suite runs them, the quick tier does not.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--sizes", "784", "16", "10", "--no-progress"]
 

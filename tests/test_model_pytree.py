@@ -63,6 +63,7 @@ def test_vmap_over_a_batch_of_models():
         chex.assert_trees_all_close(one, jb.grad(params, X, y, model, n=10), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fit_compiles_its_epoch_once_for_equal_settings():
     traced: list[int] = []
     X, y = data(20)

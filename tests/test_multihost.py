@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+# End-to-end runs in subprocesses: the full suite runs them, the quick tier does not.
+pytestmark = pytest.mark.slow
 
 # Each process trains 2 epochs of a small network on a slice of real MNIST and saves its
 # final parameters; with no coordinator it is the single-process reference.

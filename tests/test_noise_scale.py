@@ -8,6 +8,7 @@ import pytest
 import jbackprop as jb
 
 
+@pytest.mark.slow
 def test_noise_scale_matches_stored_per_example_gradients():
     with jax.enable_x64(True):
         model = jb.Model((5, 6, 3), hidden="tanh", output="softmax", cost="log_likelihood", l2=0.7)

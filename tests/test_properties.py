@@ -121,6 +121,7 @@ def _both(params, X, Y, model, n, key):
 _both_jit = jax.jit(_both, static_argnames="model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @settings(settings.get_profile("jbackprop-core"), max_examples=6)
@@ -172,6 +173,7 @@ def _per_example_checks(params, X, Y, model, key, chunk_size):
     )
 
 
+@pytest.mark.slow
 @settings(settings.get_profile("jbackprop-core"), max_examples=6)
 @given(problem=problems(min_m=2), data=st.data())
 def test_per_example_grads_mean_and_chunks(problem, data):
@@ -205,6 +207,7 @@ def _directional_check(problem: Problem) -> None:
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 @settings(settings.get_profile("jbackprop-core"), max_examples=6)
 @given(problem=problems())
 def test_grad_matches_central_differences(problem):

@@ -77,7 +77,8 @@ def reference(params, X, Y, key, model):
     masks = None
     if key is not None and model.dropout and model.num_layers > 1:
         keys = jax.random.split(key, m)
-        masks = jax.vmap(lambda k: dropout_masks(k, model.widths, model.dropout, None, X.dtype))(keys)
+        one = lambda k: dropout_masks(k, model.widths, model.dropout, None, X.dtype)  # noqa: E731
+        masks = jax.vmap(one)(keys)
 
     def out(th, x, mk):
         return ref_output(unravel(th), x, mk, hidden, output, use_z)

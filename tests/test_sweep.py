@@ -22,6 +22,7 @@ def _model_k(params, k):
     return jax.tree.map(lambda x: x[k], params)
 
 
+@pytest.mark.slow
 def test_each_model_equals_its_own_fit(problem):
     X, y = problem
     model = jb.Model((5, 7, 3), output="softmax", cost="log_likelihood", l2=0.5, dropout=0.2)
@@ -60,6 +61,7 @@ def test_each_model_equals_its_own_fit(problem):
         assert histories[k][-1]["train_cost"] == pytest.approx(history[-1]["train_cost"], 1e-5)
 
 
+@pytest.mark.slow
 def test_models_differ_by_seed_and_share_one_value(problem):
     X, y = problem
     model = jb.Model((5, 4, 3))
@@ -88,6 +90,7 @@ def test_bad_hyperparameters_are_refused(problem, kwargs, message):
         )
 
 
+@pytest.mark.slow
 def test_private_gradient_plugs_into_fit(problem):
     X, y = problem
     model = jb.Model((5, 4, 3))

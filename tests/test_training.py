@@ -348,6 +348,7 @@ def test_bad_arguments_raise_value_error_naming_them(change, match):
 # --- compilation ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_epoch_compiles_once_per_shape():
     traced: list[tuple[int, ...]] = []
 
@@ -414,6 +415,7 @@ SHARDING_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharding_over_four_devices_matches_one_device(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDING_SCRIPT)
