@@ -69,7 +69,13 @@ SAMPLINGS = ("shuffle", "poisson")
 
 
 class TrainingDiverged(FloatingPointError):
-    """The cost or a parameter became NaN or infinite during an epoch."""
+    """The cost or a parameter became NaN or infinite during an epoch.
+
+    Args:
+      epoch: the epoch (1-based) after which the non-finite value was seen; kept as the
+        ``epoch`` attribute so a caller can point at the last good checkpoint.
+      what: what stopped being finite (``"parameters"`` or ``"training cost"``).
+    """
 
     def __init__(self, epoch: int, what: str):
         self.epoch = epoch
@@ -95,9 +101,23 @@ def evaluation(params, X, Y, labels, model, n):
 _evaluate = jax.jit(evaluation)
 
 
-def evaluate(params: Params, X: Array, Y: Array, model: Model, n: int | None = None):
-    """``(cost, accuracy)`` on a data set, without dropout; the cost includes the
-    regulariser term with training-set size ``n`` (as minimised by :func:`fit`)."""
+def evaluate(
+    params: Params, X: Array, Y: Array, model: Model, n: int | None = None
+) -> tuple[float, float]:
+    """The cost and accuracy on a data set, without dropout (as at inference).
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer.
+      X: inputs ``(m, n_0)``.
+      Y: integer labels ``(m,)`` or targets ``(m, n_L)``.
+      model: the network the params belong to.
+      n: the training-set size of eqs 12-15; required when ``l2`` or ``l1`` is on.
+
+    Returns:
+      ``(cost, accuracy)`` as Python floats: the mean cost plus the regulariser term
+      (eq 11, what :func:`fit` minimises) and the fraction of rows whose largest output
+      is the target's class.
+    """
     data = prepare(params, model, (X, Y), "data")
     checks.check_n(n, model)
     c, acc, _ = _evaluate(tuple(params), data.X, data.Y, data.labels, model, n)
@@ -113,7 +133,14 @@ def _accuracy(params, X, labels, model):
 def accuracy(params: Params, X: Array, labels: Array, model: Model) -> float:
     """Fraction of examples whose largest output ``argmax_i a^L_i`` is the label.
 
-    ``labels`` are integer classes ``(m,)`` or one-hot targets ``(m, n_L)``.
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer.
+      X: inputs ``(m, n_0)``.
+      labels: integer classes ``(m,)`` or one-hot targets ``(m, n_L)``.
+      model: the network the params belong to.
+
+    Returns:
+      The accuracy, a Python float in ``[0, 1]``.
     """
     data = prepare(params, model, (X, labels), "data")
     return float(_accuracy(tuple(params), data.X, data.labels, model))
@@ -149,9 +176,28 @@ def run_epoch(
     """One pass over the training set in the order ``perm``: eq 4 (or the optimizer's rule)
     for each minibatch of ``batch_size`` examples, the remainder as a last, smaller one.
 
-    Traceable, unchecked; ``Y`` holds target vectors. ``drop_key`` is split into one key
-    per step (the dropout masks, or whatever ``gradient`` draws). :func:`fit` jits this for
-    one model; :func:`jbackprop.fit_many` vmaps it over many.
+    Traceable and unchecked: :func:`fit` jits it for one model, :func:`jbackprop.fit_many`
+    vmaps it over many, and a custom training loop may do either.
+
+    Args:
+      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer (a tuple).
+      opt_state: the optimizer's state for ``params``.
+      model: the network; ``l2``, ``l1`` and the dropout rate may be traced.
+      X: inputs ``(N, n_0)``.
+      Y: target vectors ``(N, n_L)`` (one-hot for classes).
+      perm: ``(N,)`` the order in which the examples are visited (a permutation).
+      drop_key: split into one key per step: the dropout masks, or whatever ``gradient``
+        draws.
+      n: training-set size of eqs 12-15.
+      optimizer: an ``optax.GradientTransformation``; ``optax.sgd(eta)`` is eq 4.
+      batch_size: the minibatch size ``m``.
+      gradient: replaces :func:`jbackprop.grad` in each step (see :func:`fit`).
+      shard: applied to every minibatch (a sharding constraint when training on a mesh).
+      progress: called with ``(step, steps)`` about 50 times per epoch, from inside the
+        compiled loop.
+
+    Returns:
+      ``(params, opt_state)`` after the epoch.
     """
 
     def step(carry, ids, key):
@@ -452,9 +498,11 @@ def train_epoch(
       n: training-set size of eqs 12-15 (defaults to ``len(X)``).
       optimizer, batch_size, gradient, sampling: as for :func:`fit`.
 
-    Returns ``(params, opt_state)`` after the epoch. Arguments are not checked beyond
-    what tracing does; use :func:`fit` for a checked loop. Equal settings reuse one
-    compiled program.
+    Returns:
+      ``(params, opt_state)`` after the epoch, params as a tuple of dicts.
+
+    Arguments are not checked beyond what tracing does; use :func:`fit` for a checked
+    loop. Equal settings reuse one compiled program.
     """
     impl = jax.random.key_impl(key) if _typed_key(key) else None
     check_sampling(sampling, gradient)
@@ -578,6 +626,8 @@ def fit(
       gradient: replaces :func:`jbackprop.grad` in each step; a hashable callable
         ``(params, X, Y, model, n, key) -> grads`` traced inside the compiled epoch, given
         a fresh key per step (e.g. :class:`jbackprop.privacy.DPGradient`).
+      progress: called with ``(step, steps)`` about 50 times per epoch from inside the
+        compiled epoch (the experiment's progress bar).
       sampling: ``"shuffle"`` (default): every epoch a fresh shuffle cut into minibatches
         of ``batch_size``. ``"poisson"``: every epoch ``round(n / batch_size)`` steps, each
         over a sample that holds every example independently with probability
@@ -588,9 +638,15 @@ def fit(
         ``jbackprop.privacy.poisson_schedule(n, batch_size, epochs)``. Here ``n`` is
         ``len(X)``, which may differ from the ``n`` of eqs 12-15 when that is given.
 
-    Each history record holds ``epoch``, ``train_cost``, ``train_accuracy``, ``val_cost``
-    and ``val_accuracy`` (with validation) and ``seconds``. Raises
-    :class:`TrainingDiverged` when the cost or the parameters stop being finite.
+    Returns:
+      ``(params, history)``: the final parameters (the best epoch's with ``patience``), in
+      the container ``params`` came in, and one record per epoch holding ``epoch``,
+      ``train_cost``, ``train_accuracy``, ``val_cost`` and ``val_accuracy`` (with
+      validation) and ``seconds``.
+
+    Raises:
+      TrainingDiverged: when the cost or the parameters stop being finite.
+      ValueError: for arguments that do not fit the model or each other.
     """
     given = params
     check_optimizer(optimizer)

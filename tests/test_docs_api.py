@@ -39,16 +39,15 @@ MODULES = (
     "jbackprop.regularizers",
     "jbackprop.costs",
     "jbackprop.activations",
+    "jbackprop.training",
+    "jbackprop.privacy",
+    "jbackprop.attribution",
+    "jbackprop.interop",
 )
 
 # Modules whose docstrings are still being written; their objects are checked once that
 # is done (remove a module from this set then).
-_PENDING = {
-    "jbackprop.attribution",
-    "jbackprop.interop",
-    "jbackprop.privacy",
-    "jbackprop.training",
-}
+_PENDING: set[str] = set()
 
 _SECTION = re.compile(r"^([A-Z][A-Za-z ]*):\s*$")
 
