@@ -38,6 +38,13 @@ guarantee. The accountants are Google's ``dp-accounting``: Rényi DP of the subs
 Gaussian (Mironov, Talwar and Zhang 2019) converted to ``(ε, δ)`` by Canonne, Kamath and
 Steinke's bound (2020, Prop. 12), or privacy-loss distributions (Koskela et al. 2020;
 Doroshenko et al. 2022), which are tighter and slower.
+
+**Private inputs.** :func:`dp_pca` projects the inputs on the top principal directions of
+a noisy second-moment matrix (Abadi et al. 2016, section 4): every row is scaled to norm at
+most 1, so adding or removing one example moves ``Σ_i x_i x_iᵀ`` by ``x xᵀ``, of Frobenius
+norm ``‖x‖² <= 1``, and Gaussian noise of standard deviation ``S`` per entry makes the
+release a Gaussian mechanism of noise multiplier ``S``. ``epsilon(..., pca_noise=S)``
+composes it with the DP-SGD steps (dp-accounting's ``ComposedDpEvent``).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ __all__ = [
     "DPGradient",
     "calibrate_noise",
     "clipped_grad",
+    "dp_pca",
     "epsilon",
     "per_example_norms",
     "poisson_schedule",
@@ -408,6 +416,83 @@ class DPGradient:
         return noisy_mean(sums, params, model, n, std, noise_key, expected)
 
 
+# --- private inputs -------------------------------------------------------------------
+
+
+def scaled_rows(X: Array) -> Array:
+    """Every row ``x`` divided by ``max(1, ‖x‖)``: norm at most 1, shorter rows unchanged."""
+    return X / jnp.maximum(jnp.linalg.norm(X, axis=1, keepdims=True), 1.0)
+
+
+@jax.jit
+def _noisy_second_moment(X: Array, noise: Array, key: Array | None) -> Array:
+    rows = scaled_rows(X)
+    second = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)  # Σ_i x_i x_iᵀ
+    if key is None:
+        return second
+    # Noise on every entry of the full matrix is the Gaussian mechanism; averaging it with
+    # its transpose is post-processing, and keeps the matrix symmetric for eigh.
+    e = noise * jax.random.normal(key, second.shape, second.dtype)
+    return second + (e + e.T) / 2
+
+
+def top_eigenvectors(A: np.ndarray, k: int) -> np.ndarray:
+    """The eigenvectors of the ``k`` largest eigenvalues of a symmetric ``A``, as columns,
+    each column's largest entry made positive (an eigenvector's sign is arbitrary, and
+    this way the result does not depend on the eigensolver's choice)."""
+    # NumPy's LAPACK in float64: several times faster than jnp.linalg.eigh on a CPU here,
+    # and the eigenvectors of close eigenvalues come out accurately.
+    _, vectors = np.linalg.eigh(np.asarray(A, np.float64))  # eigenvalues ascending
+    top = vectors[:, ::-1][:, :k]
+    peak = top[np.argmax(np.abs(top), axis=0), np.arange(k)]
+    return top * np.where(peak < 0, -1.0, 1.0)
+
+
+def dp_pca(X: Array, k: int, noise: float = 0.0, key: Array | None = None) -> Array:
+    """The top ``k`` principal directions of ``X``, differentially private when ``noise > 0``.
+
+    Abadi et al. 2016 (sections 4 and 5.2) project MNIST on 60 such directions before
+    private training. Every row is scaled to L2 norm at most 1 (:func:`scaled_rows`), the
+    second-moment matrix ``A = Σ_i x_i x_iᵀ`` is formed (not centred: a mean would be a
+    second release), Gaussian noise ``E`` of standard deviation ``noise`` is added to every
+    entry and the result symmetrised, ``A + (E + Eᵀ)/2``; the projection is its top ``k``
+    eigenvectors. Adding or removing one example changes ``A`` by ``x xᵀ``, of Frobenius
+    norm ``‖x‖² <= 1``, so the release is the Gaussian mechanism with sensitivity 1 and
+    noise multiplier ``noise``: :func:`epsilon` with ``pca_noise=noise`` composes it with
+    the training steps that follow. Everything downstream of ``A + (E + Eᵀ)/2`` (the
+    eigenvectors, the projected inputs, the model) is post-processing.
+
+    Args:
+      X: the private training inputs ``(n, n_0)``; only their scaled copies enter ``A``.
+      k: the number of directions, ``1 <= k <= n_0``.
+      noise: ``S >= 0``, the noise's standard deviation on each entry; ``0`` gives the
+        non-private projection of the same scaled rows (no ``key`` needed).
+      key: PRNG key drawing the noise; required when ``noise > 0``.
+
+    Returns:
+      The projection ``P``, shape ``(n_0, k)``, orthonormal columns in order of falling
+      (noisy) eigenvalue, each column's largest entry positive. Inputs project as
+      ``X @ P``, shape ``(m, k)``, unscaled: the scaling serves the sensitivity only.
+    """
+    X = jnp.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError(f"X must be a non-empty (n, n_0) array, got shape {tuple(X.shape)}")
+    if not jnp.issubdtype(X.dtype, jnp.floating):
+        X = X.astype(jnp.float32)
+    if checks.is_concrete(X) and not bool(jnp.all(jnp.isfinite(X))):
+        raise ValueError("X contains NaN or infinite values")
+    k = checks.positive_int("k", k)
+    if k > X.shape[1]:
+        raise ValueError(f"k must be at most the input width n_0 = {X.shape[1]}, got {k}")
+    noise = _number("noise", noise, low=0, high=math.inf, low_ok=True, high_ok=False)
+    if noise == 0:
+        key = None  # nothing to draw
+    elif key is None:
+        raise ValueError(f"key is required: noise={noise} adds Gaussian noise, and key draws it")
+    A = _noisy_second_moment(X, jnp.asarray(noise, X.dtype), key)
+    return jnp.asarray(top_eigenvectors(np.asarray(A), k), X.dtype)
+
+
 # --- accounting -----------------------------------------------------------------------
 
 
@@ -432,12 +517,31 @@ def poisson_schedule(n: int, batch_size: int, epochs: int = 1) -> tuple[float, i
 
 
 @functools.lru_cache(maxsize=512)
-def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+def _epsilon(
+    sigma: float, q: float, steps: int, delta: float, accountant: str, pca_noise: float | None
+) -> float:
     # dp_accounting takes about a second to import: only when something is accounted.
     import dp_accounting
 
     step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
     event = dp_accounting.SelfComposedDpEvent(step, steps)
+    if pca_noise is not None:
+        # The projection is released once, before training: one more Gaussian mechanism.
+        event = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(pca_noise), event])
+    return _account(event, delta, accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def _pca_epsilon(pca_noise: float, delta: float, accountant: str) -> float:
+    """``ε`` of the private projection alone: no noise on the steps can go below it."""
+    import dp_accounting
+
+    return _account(dp_accounting.GaussianDpEvent(pca_noise), delta, accountant)
+
+
+def _account(event, delta: float, accountant: str) -> float:
+    import dp_accounting
+
     if accountant == "rdp":
         acc = dp_accounting.rdp.RdpAccountant()
     else:
@@ -446,12 +550,20 @@ def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) 
     return float(acc.get_epsilon(delta))
 
 
+def _check_pca_noise(pca_noise: Any) -> float | None:
+    if pca_noise is None:
+        return None
+    return _number("pca_noise", pca_noise, low=0, high=math.inf, low_ok=True, high_ok=False)
+
+
 def epsilon(
     noise_multiplier: float,
     sample_rate: float,
     steps: int,
     delta: float,
     accountant: str = "rdp",
+    *,
+    pca_noise: float | None = None,
 ) -> float:
     """``ε`` of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
 
@@ -473,6 +585,11 @@ def epsilon(
         (2020, Prop. 12); or ``"pld"``, dp-accounting's privacy-loss-distribution
         accountant (Doroshenko et al. 2022), tighter (typically 10-20% smaller ``ε``) and
         slower (about a second, more for small ``σ``). Both are upper bounds.
+      pca_noise: the ``noise`` of a :func:`dp_pca` projection computed from the same
+        training set before training, whose release (a Gaussian mechanism of noise
+        multiplier ``pca_noise``, sensitivity 1) is composed with the steps; ``None``
+        (default) when the inputs were not projected, ``0`` (a non-private projection)
+        gives ``ε = inf``.
 
     Returns:
       ``ε``, a float: the run is ``(ε, δ)``-differentially private.
@@ -481,9 +598,10 @@ def epsilon(
     sigma = _number(
         "noise_multiplier", noise_multiplier, low=0, high=math.inf, low_ok=True, high_ok=False
     )
-    if sigma == 0:
+    pca_noise = _check_pca_noise(pca_noise)
+    if sigma == 0 or pca_noise == 0:
         return math.inf
-    return _epsilon(sigma, q, steps, delta, accountant)
+    return _epsilon(sigma, q, steps, delta, accountant, pca_noise)
 
 
 def calibrate_noise(
@@ -492,6 +610,8 @@ def calibrate_noise(
     steps: int,
     delta: float,
     accountant: str = "rdp",
+    *,
+    pca_noise: float | None = None,
 ) -> float:
     """The smallest noise multiplier ``σ`` whose :func:`epsilon` is at most ``target_epsilon``.
 
@@ -501,18 +621,38 @@ def calibrate_noise(
     Args:
       target_epsilon: the ``ε > 0`` to reach.
       sample_rate, steps, delta, accountant: as for :func:`epsilon`.
+      pca_noise: as for :func:`epsilon`: the ``ε`` reached then includes a
+        :func:`dp_pca` projection's, and the steps get what is left of the budget.
 
     Returns:
       ``σ``, a float.
+
+    Raises:
+      ValueError: an argument is out of range, or ``target_epsilon`` cannot be reached
+        (the projection alone spends it, or ``pca_noise`` is 0).
     """
     q, steps, delta, accountant = _check_accounting(sample_rate, steps, delta, accountant)
     target = _number(
         "target_epsilon", target_epsilon, low=0, high=math.inf, low_ok=False, high_ok=False
     )
+    pca_noise = _check_pca_noise(pca_noise)
+    if pca_noise is not None:
+        spent = math.inf if pca_noise == 0 else _pca_epsilon(pca_noise, delta, accountant)
+        if spent >= target:
+            raise ValueError(
+                f"target_epsilon={target} is out of reach: the private projection alone "
+                f"(pca_noise={pca_noise}) spends ε = {spent:.3g}; raise pca_noise or the target"
+            )
     # The RDP accountant is fast and its ε is never below the PLD's: its σ brackets from
     # above, and the slow PLD accountant is then only asked about nearby σ.
-    hi = _upper_bracket(lambda s: _epsilon(s, q, steps, delta, "rdp"), target, 1.0)
-    eps = functools.partial(_epsilon, q=q, steps=steps, delta=delta, accountant=accountant)
+    rdp = functools.partial(
+        _epsilon, q=q, steps=steps, delta=delta, accountant="rdp", pca_noise=pca_noise
+    )
+    rdp_floor = 0.0 if pca_noise is None else _pca_epsilon(pca_noise, delta, "rdp")
+    hi = _upper_bracket(lambda s: rdp(s), target, 1.0) if rdp_floor < target else 1.0
+    eps = functools.partial(
+        _epsilon, q=q, steps=steps, delta=delta, accountant=accountant, pca_noise=pca_noise
+    )
     hi = _upper_bracket(lambda s: eps(s), target, hi)
     lo = hi / 2
     while eps(lo) <= target:

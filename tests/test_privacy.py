@@ -559,3 +559,124 @@ def test_readme_private_training_example_runs():
     assert namespace["q"] == 0.05 and namespace["steps"] == 100
     assert namespace["eps_pld"] <= namespace["eps"] <= 2.0
     assert len(namespace["history"]) == 5
+
+
+# --- private PCA and its accounting -------------------------------------------------------
+
+
+def _scaled_top(X: np.ndarray, k: int) -> np.ndarray:
+    """The reference: top-k eigenvectors of Σ x xᵀ over rows scaled to norm <= 1, in float64."""
+    rows = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1.0)
+    _, vecs = np.linalg.eigh(rows.T @ rows)
+    return vecs[:, ::-1][:, :k]
+
+
+def _pca_data(n: int = 400, d: int = 12, seed: int = 0) -> np.ndarray:
+    """Rows with a clear spectrum (distinct variances per axis), some longer than 1."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)) * np.linspace(2.0, 0.1, d)).astype(np.float32)
+
+
+def test_dp_pca_without_noise_is_the_top_eigenvectors_of_the_scaled_rows():
+    X = _pca_data()
+    P = np.asarray(jb.privacy.dp_pca(X, 4))
+    assert P.shape == (12, 4) and P.dtype == np.float32
+    np.testing.assert_allclose(P.T @ P, np.eye(4), atol=1e-5)
+    ref = _scaled_top(X.astype(np.float64), 4)
+    np.testing.assert_allclose(np.abs(P.T @ ref), np.eye(4), atol=1e-4)  # same directions
+    peaks = P[np.argmax(np.abs(P), axis=0), np.arange(4)]
+    assert np.all(peaks > 0)  # the sign convention
+
+
+def test_dp_pca_scales_long_rows_and_keeps_short_ones():
+    X = _pca_data()
+    long = X / np.linalg.norm(X, axis=1, keepdims=True) * 1.5  # every row longer than 1
+    np.testing.assert_allclose(
+        jb.privacy.dp_pca(long, 3), jb.privacy.dp_pca(7 * long, 3), atol=1e-5
+    )
+    short = X / np.linalg.norm(X, axis=1, keepdims=True).max() / 2  # every row shorter than 1
+    np.testing.assert_allclose(
+        np.abs(np.asarray(jb.privacy.dp_pca(short, 3)).T @ _scaled_top(short.astype(float), 3)),
+        np.eye(3),
+        atol=1e-4,
+    )
+    assert np.allclose(jb.privacy.scaled_rows(jnp.asarray(short)), short)
+
+
+def test_dp_pca_noise_is_drawn_from_the_key():
+    X = _pca_data(n=2000)
+    key = jax.random.key(3)
+    a = np.asarray(jb.privacy.dp_pca(X, 3, 2.0, key))
+    assert np.array_equal(a, np.asarray(jb.privacy.dp_pca(X, 3, 2.0, key)))
+    b = np.asarray(jb.privacy.dp_pca(X, 3, 2.0, jax.random.key(4)))
+    assert not np.array_equal(a, b)
+    clean = np.asarray(jb.privacy.dp_pca(X, 3))
+    assert not np.array_equal(a, clean)
+    # The top directions carry eigenvalues in the hundreds against noise of norm ~10: the
+    # private subspace is close to the clean one.
+    assert np.linalg.svd(a.T @ clean, compute_uv=False).min() > 0.95
+    np.testing.assert_allclose(a.T @ a, np.eye(3), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((np.ones((5, 4)), 0), "k must be a positive integer"),
+        ((np.ones((5, 4)), 5), "k must be at most the input width n_0 = 4"),
+        ((np.ones((5, 4)), 2, 1.0), "key is required"),
+        ((np.ones((5, 4)), 2, -1.0, jax.random.key(0)), "noise must lie in"),
+        ((np.ones(4), 2), "X must be a non-empty"),
+        ((np.full((5, 4), np.nan), 2), "NaN"),
+    ],
+)
+def test_dp_pca_arguments_are_checked(args, match):
+    with pytest.raises(ValueError, match=match):
+        jb.privacy.dp_pca(*args)
+
+
+def test_epsilon_composes_the_pca_release_with_the_steps():
+    import dp_accounting
+
+    q, steps, delta = 0.01, 2000, 1e-5
+    for accountant in ("rdp", "pld"):
+        acc = (
+            dp_accounting.rdp.RdpAccountant()
+            if accountant == "rdp"
+            else dp_accounting.pld.PLDAccountant()
+        )
+        step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(4.0))
+        acc.compose(dp_accounting.GaussianDpEvent(7.0))
+        acc.compose(dp_accounting.SelfComposedDpEvent(step, steps))
+        got = jb.privacy.epsilon(4.0, q, steps, delta, accountant, pca_noise=7.0)
+        assert got == pytest.approx(acc.get_epsilon(delta), rel=1e-6)
+        assert got > jb.privacy.epsilon(4.0, q, steps, delta, accountant)
+    assert jb.privacy.epsilon(4.0, q, steps, delta, pca_noise=0.0) == np.inf
+    assert jb.privacy.epsilon(4.0, q, steps, delta, pca_noise=None) == jb.privacy.epsilon(
+        4.0, q, steps, delta
+    )
+    with pytest.raises(ValueError, match="pca_noise"):
+        jb.privacy.epsilon(4.0, q, steps, delta, pca_noise=-1.0)
+
+
+def test_pld_epsilon_with_pca_is_exact_for_unsampled_steps():
+    """q = 1: the PCA's Gaussian (σ_p) and T Gaussians (σ) compose to one Gaussian of
+    ``μ = sqrt(1/σ_p² + T/σ²)``, whose ε is known exactly."""
+    from scipy.optimize import brentq
+
+    sigma, pca, steps = 3.0, 2.0, 4
+    mu = np.sqrt(1 / pca**2 + steps / sigma**2)
+    exact = brentq(lambda e: _gaussian_delta(e, mu) - 1e-5, 0, 100)
+    got = jb.privacy.epsilon(sigma, 1.0, steps, 1e-5, "pld", pca_noise=pca)
+    assert got == pytest.approx(exact, rel=1e-4)
+
+
+def test_calibrate_noise_leaves_the_steps_what_the_pca_does_not_spend():
+    q, steps, delta = 0.012, 4000, 1e-5
+    sigma = jb.privacy.calibrate_noise(2.0, q, steps, delta, pca_noise=7.0)
+    assert jb.privacy.epsilon(sigma, q, steps, delta, pca_noise=7.0) <= 2.0
+    assert jb.privacy.epsilon(sigma / 1.01, q, steps, delta, pca_noise=7.0) > 2.0
+    assert sigma > jb.privacy.calibrate_noise(2.0, q, steps, delta)  # less budget, more noise
+    with pytest.raises(ValueError, match=r"out of reach: the private projection alone"):
+        jb.privacy.calibrate_noise(0.5, q, steps, delta, pca_noise=4.0)
+    with pytest.raises(ValueError, match=r"out of reach"):
+        jb.privacy.calibrate_noise(2.0, q, steps, delta, pca_noise=0.0)
