@@ -21,7 +21,9 @@ import jax
 import numpy as np
 
 from jbackprop import activations, costs, data
+from jbackprop import privacy as jb_privacy
 from jbackprop.experiments import distributed
+from jbackprop.experiments.mnist.accounting import DP_ACCOUNTANT, DP_DELTA, SAMPLINGS
 from jbackprop.experiments.mnist.config import OPTIMIZERS, UserError, model_of
 from jbackprop.experiments.mnist.run import run
 from jbackprop.experiments.mnist.sweep import HYPERPARAMETERS, run_sweep
@@ -44,12 +46,21 @@ examples:
       continue that run after an interruption: the same flags, --resume for --out
   %(prog)s --sweep eta=0.1,0.5,1.0 --sweep lmbda=1,5
       6 models trained at once; the one with the best validation accuracy is tested
+  %(prog)s --batch-size 600 --lmbda 0 --dp-clip 4 --dp-epsilon 2 --epochs 10
+      DP-SGD that states its ε: the noise σ is calibrated so that 10 epochs of
+      Poisson-sampled lots of 600 spend ε = 2 at δ = 1e-5 (experiments/README.md adds
+      Abadi et al.'s private PCA: --pca 60 --sizes 60 ... --dp-pca-noise S)
 
 --lmbda is spelled as in Nielsen's book (lambda is a Python keyword): the L2 strength λ,
 which adds λ/(2n) Σ w² to the cost, the l2 of jbackprop.Model.
 
-A run folder receives metrics.json, learning_curves.png, params.safetensors and, after
-every epoch, checkpoint.safetensors, which --resume continues exactly where it stopped.
+A run folder receives metrics.json, learning_curves.png, params.safetensors (and with
+--pca, pca.safetensors: the projection the model's inputs pass through) and, after every
+epoch, checkpoint.safetensors, which --resume continues exactly where it stopped.
+
+DP-SGD (--dp-clip) samples every step's lot by Poisson sampling, the mechanism the
+accountants (RDP or PLD, from dp-accounting) assume, and states the ε spent after every
+epoch and in metrics.json; with --dp-sampling shuffle no ε is claimed.
 """
 
 
@@ -94,6 +105,7 @@ def _number(low: float, high: float | None = None, *, low_open: bool = False):
 _POSITIVE = _number(0, low_open=True)
 _NONNEGATIVE = _number(0)
 _RATE = _number(0, 1)
+_DELTA = _number(0, 1, low_open=True)
 
 # The type of each flag --sweep can vary: a swept value is checked as the flag's value is.
 SWEEP_TYPES = {
@@ -103,6 +115,17 @@ SWEEP_TYPES = {
     "dropout": _RATE,
     "seed": _integer,
 }
+
+
+def _clip(text: str) -> float | list[float]:
+    """``--dp-clip``: one bound ``C``, or one per layer separated by commas (``4,4``)."""
+    try:
+        bounds = [_POSITIVE(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected one bound or comma-separated per-layer bounds: {err}"
+        ) from None
+    return bounds[0] if len(bounds) == 1 else bounds
 
 
 def _activation(text: str) -> str:
@@ -194,6 +217,19 @@ def parser() -> argparse.ArgumentParser:
         "--eta", type=_POSITIVE, default=0.5, help="learning rate η (default: %(default)s)"
     )
     train.add_argument(
+        "--eta-end",
+        type=_POSITIVE,
+        metavar="ETA",
+        help="let the learning rate fall linearly, step by step, from --eta to ETA over the "
+        "first --eta-decay-epochs epochs, then stay at ETA (default: constant --eta)",
+    )
+    train.add_argument(
+        "--eta-decay-epochs",
+        type=_positive_int,
+        metavar="N",
+        help="epochs over which the learning rate falls to --eta-end (default: none)",
+    )
+    train.add_argument(
         "--lmbda",
         type=_NONNEGATIVE,
         default=5.0,
@@ -252,17 +288,58 @@ def parser() -> argparse.ArgumentParser:
     extras = p.add_argument_group("privacy and statistics")
     extras.add_argument(
         "--dp-clip",
-        type=_POSITIVE,
+        type=_clip,
         metavar="C",
-        help="DP-SGD: clip every example's gradient to norm C (default: no clipping)",
+        help="DP-SGD: clip every example's gradient to norm C; C1,C2,... (one bound per "
+        "layer, comma-separated, no spaces) clips each layer's gradient to its own bound, "
+        "and the noise is then scaled to sqrt(C1²+C2²+...) (default: no clipping)",
     )
     extras.add_argument(
         "--dp-noise",
         type=_NONNEGATIVE,
-        default=0.0,
         metavar="SIGMA",
         help="DP-SGD: add Gaussian noise of deviation SIGMA*C to the summed clipped gradients "
-        "(default: %(default)s)",
+        "(default: 0.0)",
+    )
+    extras.add_argument(
+        "--dp-epsilon",
+        type=_POSITIVE,
+        metavar="EPS",
+        help="DP-SGD: instead of --dp-noise, the smallest SIGMA that spends at most EPS over "
+        "--epochs (with the private PCA, if any) at --dp-delta (default: none)",
+    )
+    extras.add_argument(
+        "--dp-delta",
+        type=_DELTA,
+        metavar="DELTA",
+        help=f"DP-SGD: the δ of the (ε, δ) stated; keep it below 1/n (default: {DP_DELTA})",
+    )
+    extras.add_argument(
+        "--dp-accountant",
+        choices=jb_privacy.ACCOUNTANTS,
+        help="DP-SGD: Rényi DP (fast) or privacy-loss distributions (tighter, slower) "
+        f"(default: {DP_ACCOUNTANT})",
+    )
+    extras.add_argument(
+        "--dp-sampling",
+        choices=SAMPLINGS,
+        help="DP-SGD: Poisson-sampled lots, each example in each with probability "
+        "batch-size/n, as the accountants assume; or shuffled minibatches, for which no ε "
+        "is claimed (default: poisson)",
+    )
+    extras.add_argument(
+        "--pca",
+        type=_positive_int,
+        metavar="K",
+        help="project the inputs on the top K principal directions of the training images "
+        "(rows scaled to norm 1); --sizes must then start with K (default: no projection)",
+    )
+    extras.add_argument(
+        "--dp-pca-noise",
+        type=_POSITIVE,
+        metavar="S",
+        help="with --pca and DP-SGD: make the projection private by Gaussian noise of "
+        "deviation S on the covariance; its ε is part of the ε stated (default: none)",
     )
     extras.add_argument(
         "--track-stats",
@@ -314,19 +391,85 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         model_of(vars(args))
     except ValueError as err:
         p.error(str(err).removeprefix("Model: "))
-    if args.sizes[0] != 784:
-        p.error(f"--sizes must start with 784 (28x28 pixels), got {args.sizes[0]}")
-    if args.sizes[-1] != 10:
-        p.error(f"--sizes must end with 10 (one output per class), got {args.sizes[-1]}")
-    if args.sweep:
-        if args.dp_clip or args.resume or args.patience or args.track_stats:
-            p.error(
-                "--sweep cannot be combined with --dp-clip, --resume, --patience or --track-stats"
-            )
-        names = [name for name, _ in args.sweep]
-        if twice := sorted({n for n in names if names.count(n) > 1}):
-            p.error(f"--sweep {twice[0]} is given twice; list all its values in one flag")
+    if message := _inconsistency(args):
+        p.error(message)
+    if args.dp_noise is None and args.dp_epsilon is None:
+        args.dp_noise = 0.0  # the flag's default, as run folders have always recorded it
     return args
+
+
+def _inconsistency(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags taken together, or None."""
+    return (
+        _sizes_problem(args)
+        or _privacy_problem(args)
+        or _schedule_problem(args)
+        or _sweep_problem(args)
+    )
+
+
+def _sizes_problem(args: argparse.Namespace) -> str | None:
+    if args.pca is not None and args.pca > 784:
+        return f"--pca {args.pca} exceeds the 784 pixels of an image"
+    width = 784 if args.pca is None else args.pca
+    if args.sizes[0] != width:
+        why = "28x28 pixels" if args.pca is None else "the --pca dimension"
+        return f"--sizes must start with {width} ({why}), got {args.sizes[0]}"
+    if args.sizes[-1] != 10:
+        return f"--sizes must end with 10 (one output per class), got {args.sizes[-1]}"
+    return None
+
+
+def _privacy_problem(args: argparse.Namespace) -> str | None:
+    dp_only = ("dp_epsilon", "dp_delta", "dp_accountant", "dp_sampling", "dp_pca_noise")
+    if args.dp_clip is None:
+        given = [_flag(name) for name in dp_only if getattr(args, name) is not None]
+        return f"{given[0]} needs --dp-clip (DP-SGD is off without it)" if given else None
+    if args.dp_epsilon is not None and args.dp_noise is not None:
+        return (
+            "--dp-epsilon and --dp-noise are mutually exclusive: give the noise SIGMA, or the "
+            "ε to calibrate it to"
+        )
+    layers = len(args.sizes) - 1
+    if isinstance(args.dp_clip, list) and len(args.dp_clip) != layers:
+        return (
+            f"--dp-clip gives {len(args.dp_clip)} bounds, but the network has {layers} "
+            f"layers: give one bound, or {layers} separated by commas"
+        )
+    if args.dp_epsilon is not None and args.dp_sampling == "shuffle":
+        return "--dp-epsilon needs Poisson sampling: no ε is claimed with --dp-sampling shuffle"
+    if args.pca is not None and args.dp_pca_noise is None:
+        return (
+            "--pca with --dp-clip needs --dp-pca-noise S: a projection computed without "
+            "noise would leak the training images past the ε stated"
+        )
+    if args.dp_pca_noise is not None and args.pca is None:
+        return "--dp-pca-noise needs --pca K"
+    return None
+
+
+def _schedule_problem(args: argparse.Namespace) -> str | None:
+    if (args.eta_end is None) != (args.eta_decay_epochs is None):
+        return "--eta-end and --eta-decay-epochs go together: give both or neither"
+    return None
+
+
+def _sweep_problem(args: argparse.Namespace) -> str | None:
+    if not args.sweep:
+        return None
+    if args.dp_clip or args.resume or args.patience or args.track_stats or args.eta_end:
+        return (
+            "--sweep cannot be combined with --dp-clip, --resume, --patience, --track-stats "
+            "or --eta-end"
+        )
+    names = [name for name, _ in args.sweep]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        return f"--sweep {twice[0]} is given twice; list all its values in one flag"
+    return None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 # --- running -------------------------------------------------------------------------------

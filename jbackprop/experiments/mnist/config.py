@@ -12,12 +12,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 
 import jbackprop as jb
 from jbackprop import data
 from jbackprop.experiments.mnist import report
+from jbackprop.experiments.mnist.accounting import sampling_of, steps_per_epoch
 
 # Optax constructors by --optimizer name; each takes the learning rate η.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -31,6 +33,18 @@ NOT_CONFIG = frozenset(
     {"out", "resume", "debug", "epochs", "progress", "data_dir", "patience"}
     | {"coordinator", "num_processes", "process_id", "timeout"}
 )
+
+# Flags added after run folders were first written: recorded only when given (None is
+# their default), so the configuration of an older run, and of a new run that does not
+# use them, keeps exactly its old keys and older folders stay resumable.
+OPTIONAL = frozenset(
+    {"dp_epsilon", "dp_delta", "dp_accountant", "pca", "dp_pca_noise"}
+    | {"eta_end", "eta_decay_epochs"}
+)
+
+# The PCA's noise is drawn from fold_in(key(seed), PCA_STREAM): a stream of its own, so
+# the initialisation and training keys stay those of runs without --pca.
+PCA_STREAM = 0x9CA
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -58,9 +72,65 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     A checkpoint stores this dict and ``--resume`` compares it, so its keys and values
     must stay as they are for old run folders to remain resumable.
     """
-    cfg = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    cfg = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in NOT_CONFIG and not (k in OPTIONAL and v is None)
+    }
     cfg["sweep"] = {k: list(v) for k, v in (args.sweep or [])} or None
+    # Private runs used to train on shuffled minibatches; they now draw Poisson lots by
+    # default, which is recorded (and an older private folder then refuses to resume
+    # under the new default, rather than continue with another mechanism).
+    del cfg["dp_sampling"]
+    if args.dp_clip is not None and sampling_of(args) == "poisson":
+        cfg["dp_sampling"] = "poisson"
+    if args.dp_epsilon is not None:
+        cfg["epochs"] = args.epochs  # the noise is calibrated for this many epochs
     return cfg
+
+
+def optimizer_of(args: argparse.Namespace, n: int) -> optax.GradientTransformation:
+    """The ``--optimizer`` with step ``--eta``, or with a schedule falling linearly (step by
+    step) to ``--eta-end`` over ``--eta-decay-epochs`` epochs, then constant.
+
+    Args:
+      args: the parsed flags.
+      n: the training-set size, which sets the steps per epoch.
+
+    Returns:
+      The optax transformation; a schedule counts steps in its state, so a checkpoint
+      resumes it where it stopped.
+    """
+    if args.eta_end is None:
+        return OPTIMIZERS[args.optimizer](args.eta)
+    steps = steps_per_epoch(sampling_of(args), n, args.batch_size)
+    schedule = optax.linear_schedule(args.eta, args.eta_end, args.eta_decay_epochs * steps)
+    return OPTIMIZERS[args.optimizer](schedule)
+
+
+def projection(args: argparse.Namespace, train_X: np.ndarray) -> np.ndarray | None:
+    """The ``--pca`` projection ``(784, K)`` computed from the training images, private
+    with ``--dp-pca-noise`` (:func:`jbackprop.privacy.dp_pca`); None without ``--pca``.
+
+    Args:
+      args: the parsed flags.
+      train_X: the training images ``(n, 784)``, the only ones the projection sees.
+
+    Returns:
+      The projection, float32, or None.
+    """
+    if args.pca is None:
+        return None
+    noise = args.dp_pca_noise or 0.0
+    key = jax.random.fold_in(jax.random.key(args.seed), PCA_STREAM) if noise else None
+    return np.asarray(jb.privacy.dp_pca(train_X, args.pca, noise, key))
+
+
+def project(splits: tuple[Split, Split, Split], P: np.ndarray | None) -> tuple[Split, Split, Split]:
+    """Every split's images times ``P`` (``(m, 784) @ (784, K)``); unchanged for None."""
+    if P is None:
+        return splits
+    return tuple((X @ P, y) for X, y in splits)  # type: ignore[return-value]
 
 
 def run_folder(args: argparse.Namespace) -> Path:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jbackprop.io import atomic_write
+
+if TYPE_CHECKING:
+    from jbackprop.experiments.mnist.accounting import Plan
 
 DIGITS = 6
 METRICS = "metrics.json"
@@ -79,7 +82,12 @@ def title(hyper: Mapping[str, Any]) -> str:
     ``vars(args)``, with a sweep winner's values laid over it.
     """
     sizes = "-".join(map(str, hyper["sizes"]))
-    parts = [f"η={hyper['eta']}", f"λ={hyper['lmbda']}"]
+    if hyper.get("pca"):
+        sizes = f"PCA {hyper['pca']}, {sizes}"
+    eta = f"η={hyper['eta']}"
+    if hyper.get("eta_end") is not None:
+        eta += f"→{hyper['eta_end']} ({hyper['eta_decay_epochs']} epochs)"
+    parts = [eta, f"λ={hyper['lmbda']}"]
     if hyper.get("l1"):
         parts.append(f"L1 λ={hyper['l1']}")
     if hyper.get("dropout"):
@@ -89,6 +97,29 @@ def title(hyper: Mapping[str, Any]) -> str:
         f"{hyper['dataset']} {sizes} {hyper['hidden']}/{hyper['output']} {hyper['cost']}, "
         + ", ".join(parts)
     )
+
+
+def privacy_title(plan: Plan | None, epochs: int) -> str:
+    """What a plot's title adds for a private run: σ, and the ε spent when one is claimed.
+
+    Args:
+      plan: the run's privacy plan, or None for a non-private run ("" then).
+      epochs: epochs completed.
+
+    Returns:
+      A suffix for :func:`title`.
+    """
+    if plan is None:
+        return ""
+    text = f", DP-SGD σ={plan.noise_multiplier:.3g}"
+    if plan.unclaimed is not None:
+        return text + " (no ε claimed)"
+    eps = plan.epsilon(epochs)
+    return text + f", ε={_eps(eps)} ({plan.accountant.upper()}, δ={plan.delta:g})"
+
+
+def _eps(eps: float | None) -> str:
+    return "inf" if eps is None or eps == float("inf") else f"{eps:.3g}"
 
 
 # --- lines on standard output ---------------------------------------------------------
@@ -119,6 +150,40 @@ def grad_stats(record: Mapping[str, float]) -> None:
     _say(
         f"          median gradient norm {record['median_grad_norm']:.4g}  "
         f"noise scale B_simple {record['noise_scale']:.4g}"
+    )
+
+
+def privacy_plan(plan: Plan, epochs: int) -> None:
+    """Before training: the mechanism, its noise, and what is (or is not) claimed."""
+    clip = ",".join(f"{c:g}" for c in plan.clip) if isinstance(plan.clip, tuple) else plan.clip
+    sigma = f"σ = {plan.noise_multiplier:.4g}"
+    if plan.target_epsilon is not None:
+        sigma += f" (calibrated: ε = {plan.target_epsilon:g} after {epochs} epochs)"
+    pca = ""
+    if plan.pca is not None:
+        pca = f"; private PCA to {plan.pca} dimensions, noise {plan.pca_noise:g}"
+    lots = (
+        f"Poisson-sampled lots (q = {plan.sample_rate:.4g})"
+        if plan.sampling == "poisson"
+        else "shuffled minibatches"
+    )
+    _say(f"DP-SGD: clip {clip}, {sigma}, {lots}, {plan.steps_per_epoch} steps per epoch{pca}")
+    if plan.unclaimed is not None:
+        _say(f"no ε is claimed for this run: {plan.unclaimed}")
+    else:
+        _say(f"privacy: ε at δ = {plan.delta:g} by the {plan.accountant.upper()} accountant")
+
+
+def privacy_result(plan: Plan, epochs: int) -> None:
+    """After training: the ``(ε, δ)`` the whole run spent, or that none is claimed."""
+    if plan.unclaimed is not None:
+        _say(f"privacy: no ε is claimed ({plan.unclaimed})")
+        return
+    steps = epochs * plan.steps_per_epoch
+    pca = " and the private PCA" if plan.pca is not None else ""
+    _say(
+        f"privacy: (ε, δ) = ({_eps(plan.epsilon(epochs))}, {plan.delta:g}) by the "
+        f"{plan.accountant.upper()} accountant, for {steps} steps{pca}"
     )
 
 
@@ -164,10 +229,17 @@ class Progress:
 
     WIDTH = 30
 
-    def __init__(self, total: int, enabled: bool, first_epoch: int = 1):
+    def __init__(
+        self,
+        total: int,
+        enabled: bool,
+        first_epoch: int = 1,
+        privacy: Callable[[int], float | None] | None = None,
+    ):
         self.total = total
         self.enabled = enabled and sys.stderr.isatty()
         self.epoch = first_epoch
+        self.privacy = privacy  # epochs done -> ε spent, shown at the end of each line
 
     def step(self, i, steps) -> None:
         done = int(self.WIDTH * (int(i) + 1) / max(1, int(steps)))
@@ -180,9 +252,12 @@ class Progress:
         val = ""
         if "val_accuracy" in rec:
             val = f"  val cost {rec['val_cost']:.4f} acc {100 * rec['val_accuracy']:.2f}%"
+        eps = ""
+        if self.privacy is not None:
+            eps = f"  ε {_eps(self.privacy(int(rec['epoch'])))}"
         _say(
             f"epoch {rec['epoch']:>3}/{self.total}  train cost {rec['train_cost']:.4f} "
-            f"acc {100 * rec['train_accuracy']:.2f}%{val}  {rec['seconds']:.2f} s"
+            f"acc {100 * rec['train_accuracy']:.2f}%{val}  {rec['seconds']:.2f} s{eps}"
         )
         self.epoch = int(rec["epoch"]) + 1
 

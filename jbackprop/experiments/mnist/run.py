@@ -24,23 +24,27 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from safetensors.numpy import save as safetensors_bytes
 
 import jbackprop as jb
 from jbackprop.experiments import plots
-from jbackprop.experiments.mnist import report
+from jbackprop.experiments.mnist import accounting, report
 from jbackprop.experiments.mnist.config import (
-    OPTIMIZERS,
     UserError,
     config_of,
     load_data,
     model_of,
+    optimizer_of,
     prepare_folder,
+    project,
+    projection,
     run_folder,
 )
-from jbackprop.io import load_checkpoint, save_checkpoint
+from jbackprop.io import atomic_write, load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.safetensors"
 PARAMS = "params.safetensors"
+PCA = "pca.safetensors"
 LEARNING_CURVES = "learning_curves.png"
 GRAD_STATS = "grad_stats.png"
 # --track-stats measures on a fixed random sample of this many training examples.
@@ -65,8 +69,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prepare_folder(out)
         report.run_folder(out)
     model = model_of(vars(args))
-    optimizer = OPTIMIZERS[args.optimizer](args.eta)
     train, validation, test = load_data(args, verbose=main_process)
+    P = projection(args, train[0])
+    train, validation, test = project((train, validation, test), P)
+    optimizer = optimizer_of(args, len(train[0]))
+    plan = accounting.plan(args, len(train[0]))
+    if plan is not None and main_process:
+        report.privacy_plan(plan, args.epochs)
     cfg = config_of(args)
     init_key, train_key = jax.random.split(jax.random.key(args.seed))
     params = jb.init_params(init_key, model, scheme=args.init)
@@ -78,7 +87,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     flag: dict[str, Any] = {}  # the signal handler records the signal's name here
     progress = report.Progress(
-        args.epochs, args.progress and main_process, 1 if resume is None else resume.epoch + 1
+        args.epochs,
+        args.progress and main_process,
+        1 if resume is None else resume.epoch + 1,
+        privacy=None if plan is None or plan.unclaimed else plan.epsilon,
     )
     stats = _previous_stats(out, resume)
     measure = _stats_tracker(model, train, args.seed) if args.track_stats else None
@@ -100,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             state.best_epoch,
             None,
             time.perf_counter() - started,
-            _stats_extra(stats) if measure else None,
+            _extra(stats if measure else None, plan, state.epoch),
         )
         if flag.get("signal"):
             raise Interrupted(state.epoch)
@@ -120,8 +132,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             resume=resume,
             on_epoch=on_epoch,
             log=progress if main_process else None,
-            gradient=_dp_gradient(args),
+            gradient=_dp_gradient(plan),
             progress=progress.step if progress.enabled and jax.process_count() == 1 else None,
+            sampling=accounting.sampling_of(args),
         )
     except Interrupted as stop:
         progress.clear()
@@ -142,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     best_epoch = max(history, key=lambda r: r.get("val_accuracy", 0.0))["epoch"]
     test_accuracy = jb.accuracy(params, *test, model)
-    title = report.title(vars(args))
+    epochs_done = history[-1]["epoch"]
+    title = report.title(vars(args)) + report.privacy_title(plan, epochs_done)
     final = [
         report.write_metrics(
             out,
@@ -151,16 +165,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             best_epoch,
             test_accuracy,
             time.perf_counter() - started,
-            _stats_extra(stats) if args.track_stats else None,
+            _extra(stats if args.track_stats else None, plan, epochs_done),
         ),
         plots.plot_learning_curves(out / LEARNING_CURVES, history, title),
         jb.save_params(out / PARAMS, params, model),
     ]
+    if P is not None:
+        final.append(_save_projection(out / PCA, P, plan))
     if args.track_stats:
         final.append(plots.plot_grad_stats(out / GRAD_STATS, stats, title))
     report.test_result(
         test_accuracy, best_epoch if args.patience else history[-1]["epoch"], best_epoch
     )
+    if plan is not None:
+        report.privacy_result(plan, epochs_done)
     report.outputs(out, [*final, *written])
     return json.loads((out / report.METRICS).read_text())
 
@@ -231,8 +249,26 @@ def _stats_tracker(
     return measure
 
 
-def _stats_extra(stats: list[dict[str, float]]) -> dict[str, Any]:
-    return {"grad_stats": report.rounded(stats)}
+def _extra(
+    stats: list[dict[str, float]] | None, plan: accounting.Plan | None, epochs: int
+) -> dict[str, Any] | None:
+    """The entries of ``metrics.json`` beyond the history: gradient statistics and the
+    privacy block, each when the run has them."""
+    extra: dict[str, Any] = {}
+    if stats is not None:
+        extra["grad_stats"] = report.rounded(stats)
+    if plan is not None:
+        extra["privacy"] = report.rounded(plan.block(epochs))
+    return extra or None
+
+
+def _save_projection(path: Path, P: np.ndarray, plan: accounting.Plan | None) -> Path:
+    """The ``--pca`` projection, ``(784, K)`` under the name ``projection``: a raw image
+    ``x`` enters the saved model as ``x @ projection``."""
+    noise = "0" if plan is None or plan.pca_noise is None else repr(plan.pca_noise)
+    metadata = {"format": "jbackprop.pca/1", "noise": noise}
+    atomic_write(path, safetensors_bytes({"projection": P}, metadata=metadata))
+    return path
 
 
 def _previous_stats(out: Path, resume: jb.TrainState | None) -> list[dict[str, float]]:
@@ -250,10 +286,8 @@ def _previous_stats(out: Path, resume: jb.TrainState | None) -> list[dict[str, f
     return [r for r in old if r["epoch"] <= resume.epoch]
 
 
-def _dp_gradient(args: argparse.Namespace):
-    """The DP-SGD gradient for ``--dp-clip``/``--dp-noise``; None for the plain one."""
-    if args.dp_clip is None:
+def _dp_gradient(plan: accounting.Plan | None):
+    """The DP-SGD gradient of the plan (clipping bounds and σ); None for the plain one."""
+    if plan is None:
         return None
-    from jbackprop.privacy import DPGradient
-
-    return DPGradient(clip=args.dp_clip, noise_multiplier=args.dp_noise)
+    return jb.privacy.DPGradient(clip=plan.clip, noise_multiplier=plan.noise_multiplier)

@@ -31,6 +31,8 @@ from jbackprop.experiments.mnist.config import (
     load_data,
     model_of,
     prepare_folder,
+    project,
+    projection,
     run_folder,
 )
 from jbackprop.experiments.mnist.run import LEARNING_CURVES, PARAMS
@@ -69,6 +71,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     train, validation, test = load_data(args, verbose=True)
+    train, validation, test = project((train, validation, test), projection(args, train[0]))
     report.sweep_start(len(configurations))
     params, histories = jb.fit_many(
         jnp.stack([jax.random.key(int(c["seed"])) for c in configurations]),
