@@ -334,8 +334,9 @@ def grad_gram(
         (the default) pairs the first set with itself.
       normalize: return cosine similarities ``K_ij / (‖g_i‖ ‖g'_j‖)`` (0 where a gradient
         is zero).
-      chunk_size: rows of ``X1`` processed at a time (``None``: all at once); memory beyond
-        the result is about ``chunk_size · m2 · (L + 2)`` numbers.
+      chunk_size: rows of ``X1`` processed at a time (``None``: all at once). Beyond the
+        result and both sets' ``a`` and ``δ`` (``O(m Σ_l n_l)``), memory is a few
+        ``(chunk_size, m2)`` matrices per layer.
 
     Returns:
       ``(m1, m2)`` in the params' dtype.
@@ -397,8 +398,8 @@ def tracin(
     *,
     chunk_size: int | None = None,
 ) -> Array:
-    """TracInCP (Pruthi et al., NeurIPS 2020, Section 3, "TracInCP"):
-    ``TracIn(z, z') = Σ_k η_k ⟨∇C(θ_k; z), ∇C(θ_k; z')⟩`` over saved checkpoints ``θ_k``.
+    """TracInCP (Pruthi et al., NeurIPS 2020): the checkpoint form of their TracIn,
+    ``TracInCP(z, z') = Σ_k η_k ⟨∇C(θ_k; z), ∇C(θ_k; z')⟩`` over saved checkpoints ``θ_k``.
 
     A positive score says that a gradient step on the training example ``z`` lowers the
     cost of the test example ``z'`` (they pull the parameters the same way). Each term is
@@ -439,7 +440,7 @@ def trak(
     X_test: Array,
     Y_test: Array,
     model: Model,
-    damping: float = 1e-3,
+    damping: float = 1.0,
     *,
     chunk_size: int | None = None,
 ) -> Array:
@@ -448,11 +449,12 @@ def trak(
 
     TRAK linearises each trained model around its parameters, so that example ``z``
     becomes the feature vector ``φ(z) = ∇_p f(z)`` of the model output
-    ``f = ln(p/(1-p))`` (the margin of the correct class, Section 3 of the paper, "the
-    multi-class case"), and attributes with the one-step Newton influence of logistic
-    regression on those features (Section 3.1): ``τ(z) = φ(z)ᵀ (ΦᵀΦ)⁻¹ Φᵀ Q`` with ``Φ`` the
-    training features and ``Q = diag(1 - p_i)``. Over an ensemble of ``M`` models it averages
-    the two factors separately (Algorithm 1 in Appendix D.2, as implemented):
+    ``f = ln(p/(1-p))`` (the margin of the correct class, the paper's model output for
+    multi-class classifiers), and attributes with the one-step Newton influence of
+    logistic regression on those features (Section 3): ``τ(z) = φ(z)ᵀ (ΦᵀΦ)⁻¹ Φᵀ Q`` with
+    ``Φ`` the training features and ``Q = diag(1 - p_i)``. Over an ensemble of ``M``
+    models it averages the two factors separately (Algorithm 1 in Appendix D.2, "as
+    implemented"):
 
         τ(z) = ((1/M) Σ_k φ_k(z)ᵀ (Φ_kᵀ Φ_k + λ_k I)⁻¹ Φ_kᵀ) · ((1/M) Σ_k Q_k).
 
@@ -482,7 +484,9 @@ def trak(
       X_test, Y_test: ``(m_test, n_0)`` and labels ``(m_test,)`` or targets.
       model: a classifier with a softmax output (any cost) or a single sigmoid unit
         (targets ``(m, 1)`` in {0, 1}); the correct class is the target's argmax.
-      damping: ``λ`` relative to the mean diagonal of ``K``; must be > 0.
+      damping: ``λ`` relative to the mean diagonal of ``K``; must be > 0. On dattri's
+        MNIST-10 + MLP benchmark, 1 was the best of 0.03-3 for 1, 5 and 10 models
+        (it stands in for the regularisation that the projection gives).
       chunk_size: rows processed at a time when forming ``K`` and ``k`` (``None``: all).
 
     Returns:

@@ -29,7 +29,8 @@ def markdown(results: dict) -> str:
         f"| {r['method']} | {r['models']} | {r['lds']:.4f} | {r['seconds']:.1f} |"
         for r in results["lds"]
     ]
-    lines += ["", "TRAK's damping, chosen for each ensemble size on the tuning images:", ""]
+    chosen = ", ".join(f"{m} model(s): {d:g}" for m, d in results["trak_damping"].items())
+    lines += ["", f"TRAK's damping, chosen on the tuning images: {chosen}", ""]
     lines += ["| damping | models | LDS (tuning images) |", "|---:|---:|---:|"]
     lines += [
         f"| {r['damping']:g} | {r['models']} | {r['tune_lds']:.4f} |"
