@@ -14,7 +14,7 @@ the ε an uninterrupted one would: :meth:`Plan.epsilon` recomputes it from the p
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jbackprop import privacy
@@ -67,6 +67,11 @@ class Plan:
     accountant: str
     pca: int | None
     pca_noise: float | None
+    # ε by epochs done: every epoch's metrics.json lists all epochs so far, and a long run
+    # would otherwise ask the accountant again for each of them, every epoch.
+    _spent: dict[int, float | None] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False
+    )
 
     @property
     def unclaimed(self) -> str | None:
@@ -92,14 +97,16 @@ class Plan:
         """
         if self.unclaimed is not None:
             return None
-        return privacy.epsilon(
-            self.noise_multiplier,
-            self.sample_rate,
-            epochs * self.steps_per_epoch,
-            self.delta,
-            self.accountant,
-            pca_noise=self.pca_noise,
-        )
+        if epochs not in self._spent:
+            self._spent[epochs] = privacy.epsilon(
+                self.noise_multiplier,
+                self.sample_rate,
+                epochs * self.steps_per_epoch,
+                self.delta,
+                self.accountant,
+                pca_noise=self.pca_noise,
+            )
+        return self._spent[epochs]
 
     def block(self, epochs: int) -> dict[str, Any]:
         """The ``privacy`` entry of ``metrics.json`` after ``epochs`` epochs.

@@ -86,7 +86,7 @@ def title(hyper: Mapping[str, Any]) -> str:
         sizes = f"PCA {hyper['pca']}, {sizes}"
     eta = f"η={hyper['eta']}"
     if hyper.get("eta_end") is not None:
-        eta += f"→{hyper['eta_end']} ({hyper['eta_decay_epochs']} epochs)"
+        eta += f"→{hyper['eta_end']}"
     parts = [eta, f"λ={hyper['lmbda']}"]
     if hyper.get("l1"):
         parts.append(f"L1 λ={hyper['l1']}")
@@ -111,11 +111,10 @@ def privacy_title(plan: Plan | None, epochs: int) -> str:
     """
     if plan is None:
         return ""
-    text = f", DP-SGD σ={plan.noise_multiplier:.3g}"
+    text = f", σ={plan.noise_multiplier:.3g}"
     if plan.unclaimed is not None:
         return text + " (no ε claimed)"
-    eps = plan.epsilon(epochs)
-    return text + f", ε={_eps(eps)} ({plan.accountant.upper()}, δ={plan.delta:g})"
+    return text + f", ε={_eps(plan.epsilon(epochs))} (δ={plan.delta:g})"
 
 
 def _eps(eps: float | None) -> str:
