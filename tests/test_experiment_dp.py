@@ -380,3 +380,20 @@ def test_shuffled_minibatches_claim_no_epsilon(mnist_dir, tmp_path):
     privacy = json.loads((tmp_path / "run" / "metrics.json").read_text())["privacy"]
     assert privacy["claimed"] is False and privacy["epsilon"] is None
     assert privacy["sampling"] == "shuffle" and privacy["steps"] == 40
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_on_the_projected_inputs(mnist_dir, tmp_path):
+    proc = run_cli(
+        "--train-size", "500", "--epochs", "1", "--pca", "20", "--sizes", "20", "16", "10",
+        "--sweep", "eta=0.5,1", "--no-progress", "--data-dir", mnist_dir,
+        "--out", tmp_path / "run", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    P = load_file(tmp_path / "run" / "pca.safetensors")["projection"]
+    params, model = jb.load_params(tmp_path / "run" / "params.safetensors")
+    X = data.read_images(mnist_dir / data.TEST_IMAGES).reshape(-1, 784) / np.float32(255)
+    y = data.read_labels(mnist_dir / data.TEST_LABELS).astype(np.int32)
+    assert model.sizes == (20, 16, 10) and metrics["config"]["pca"] == 20
+    assert jb.accuracy(params, X @ P, y, model) == pytest.approx(metrics["test_accuracy"], abs=1e-6)

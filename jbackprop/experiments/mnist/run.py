@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         jb.save_params(out / PARAMS, params, model),
     ]
     if P is not None:
-        final.append(_save_projection(out / PCA, P, plan))
+        final.append(save_projection(out / PCA, P, plan))
     if args.track_stats:
         final.append(plots.plot_grad_stats(out / GRAD_STATS, stats, title))
     report.test_result(
@@ -262,7 +262,7 @@ def _extra(
     return extra or None
 
 
-def _save_projection(path: Path, P: np.ndarray, plan: accounting.Plan | None) -> Path:
+def save_projection(path: Path, P: np.ndarray, plan: accounting.Plan | None) -> Path:
     """The ``--pca`` projection, ``(784, K)`` under the name ``projection``: a raw image
     ``x`` enters the saved model as ``x @ projection``."""
     noise = "0" if plan is None or plan.pca_noise is None else repr(plan.pca_noise)

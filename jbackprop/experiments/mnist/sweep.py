@@ -35,7 +35,7 @@ from jbackprop.experiments.mnist.config import (
     projection,
     run_folder,
 )
-from jbackprop.experiments.mnist.run import LEARNING_CURVES, PARAMS
+from jbackprop.experiments.mnist.run import LEARNING_CURVES, PARAMS, PCA, save_projection
 
 # The flags --sweep can vary, in the order a configuration lists them.
 HYPERPARAMETERS = ("eta", "lmbda", "l1", "dropout", "seed")
@@ -71,7 +71,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     train, validation, test = load_data(args, verbose=True)
-    train, validation, test = project((train, validation, test), projection(args, train[0]))
+    P = projection(args, train[0])
+    train, validation, test = project((train, validation, test), P)
     report.sweep_start(len(configurations))
     params, histories = jb.fit_many(
         jnp.stack([jax.random.key(int(c["seed"])) for c in configurations]),
@@ -121,6 +122,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         plots.plot_learning_curves(out / LEARNING_CURVES, history, title),
         jb.save_params(out / PARAMS, winner_params, winner_model),
     ]
+    if P is not None:
+        written.append(save_projection(out / PCA, P, None))
     report.sweep_winner(winner, test_accuracy)
     report.outputs(out, written)
     return json.loads((out / report.METRICS).read_text())
