@@ -47,14 +47,20 @@ __all__ = ["empirical_ntk", "grad_gram", "tracin", "trak"]
 # --- the identity -----------------------------------------------------------------------
 
 
-def gradient_products(acts1, deltas1, acts2, deltas2) -> Array:
+def gradient_products(acts1, deltas1, acts2, deltas2, inputs=None) -> Array:
     """``Σ_l (δ^l_i · δ'^l_j)(a^{l-1}_i · a'^{l-1}_j + 1)`` (eqs 9-10) for one example ``i``
     of the first set (``a: (n_{l-1},)``, ``δ: (n_l,)``) against every row ``j`` of the
-    second (``(m', n_l)``): the inner products ``⟨g_i, g'_j⟩``, shape ``(m',)``."""
-    return sum(
-        (d2 @ d1) * (a2 @ a1 + 1.0)
-        for a1, d1, a2, d2 in zip(acts1[:-1], deltas1, acts2[:-1], deltas2, strict=True)
-    )
+    second (``(m', n_l)``): the inner products ``⟨g_i, g'_j⟩``, shape ``(m',)``.
+
+    ``inputs``, if given, is the first layer's ``x_i · x'_j + 1`` (``a^0 = x``), computed
+    once for several models that share the inputs.
+    """
+    total = 0.0
+    for l, (a1, d1, a2, d2) in enumerate(
+        zip(acts1[:-1], deltas1, acts2[:-1], deltas2, strict=True)
+    ):
+        total = total + (d2 @ d1) * (inputs if l == 0 and inputs is not None else a2 @ a1 + 1.0)
+    return total
 
 
 def jacobian_products(acts1, deltas1, acts2, deltas2, trace: bool) -> Array:
@@ -138,15 +144,16 @@ def margin_features(params: Params, X: Array, y: Array, model: Model):
 # --- jitted kernels (validated arguments only) --------------------------------------------
 
 
-def pair_products(feats1, feats2, products, chunk: int | None) -> Array:
+def pair_products(feats1, feats2, products, chunk: int | None, inputs=None) -> Array:
     """``products`` of every row of the first set's ``(a, δ)`` against the whole second set,
-    ``chunk`` rows at a time: the ``(m1, m2, ...)`` matrix of inner products."""
+    ``chunk`` rows at a time: the ``(m1, m2, ...)`` matrix of inner products. ``inputs``
+    (``X1 X2ᵀ + 1``, optional) is handed to ``products`` row by row."""
     acts1, deltas1 = feats1
-
-    def row(f):
-        return products(f[0], f[1], *feats2)
-
-    return rows_in_chunks(row, (acts1, deltas1), chunk)
+    if inputs is None:
+        return rows_in_chunks(lambda f: products(f[0], f[1], *feats2), feats1, chunk)
+    return rows_in_chunks(
+        lambda f: products(f[0], f[1], *feats2, inputs=f[2]), (acts1, deltas1, inputs), chunk
+    )
 
 
 @partial(jax.jit, static_argnames=("chunk", "normalize"))
@@ -178,11 +185,15 @@ def _empirical_ntk(params, X1, X2, model, chunk, trace):
 
 @partial(jax.jit, static_argnames="chunk")
 def _tracin(stacked, etas, X_train, Y_train, X_test, Y_test, model, chunk):
+    # a^0 = x for every checkpoint: the first layer's input products are computed once.
+    inputs = X_test @ X_train.T + 1.0
+
     def one(total, checkpoint):
         params, eta = checkpoint
         train = batch_deltas(params, X_train, Y_train, model, None)
         test = batch_deltas(params, X_test, Y_test, model, None)
-        return total + eta * pair_products(test, train, gradient_products, chunk), None
+        gram = pair_products(test, train, gradient_products, chunk, inputs)
+        return total + eta * gram, None
 
     start = jnp.zeros((X_test.shape[0], X_train.shape[0]), X_train.dtype)
     return jax.lax.scan(one, start, (stacked, etas))[0]
@@ -192,12 +203,14 @@ def _tracin(stacked, etas, X_train, Y_train, X_test, Y_test, model, chunk):
 def _trak(stacked, X_train, Y_train, X_test, Y_test, model, damping, chunk):
     y_train, y_test = correct_class(Y_train, model), correct_class(Y_test, model)
     m = X_train.shape[0]
+    # a^0 = x for every model: the first layer's input products are computed once.
+    inputs_train, inputs_test = X_train @ X_train.T + 1.0, X_test @ X_train.T + 1.0
 
     def one(totals, params):
         *train, q = margin_features(params, X_train, y_train, model)
         test = margin_features(params, X_test, y_test, model)[:2]
-        K = pair_products(train, train, gradient_products, chunk)  # ΦΦᵀ
-        k = pair_products(test, train, gradient_products, chunk)  # rows k(z)ᵀ = (Φ φ(z))ᵀ
+        K = pair_products(train, train, gradient_products, chunk, inputs_train)  # ΦΦᵀ
+        k = pair_products(test, train, gradient_products, chunk, inputs_test)  # (Φ φ(z))ᵀ
         # K + λI is symmetric positive definite for λ > 0; λ is relative to mean ‖φ_i‖².
         lam = damping * jnp.trace(K) / m
         factor = jax.scipy.linalg.cho_factor(K + lam * jnp.eye(m, dtype=K.dtype))
