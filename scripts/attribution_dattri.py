@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from importlib.metadata import version
 from pathlib import Path
 
-import dattri
 import numpy as np
 import torch
 from dattri.algorithm.tracin import TracInAttributor
@@ -144,18 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         if m <= setup.models:
             record(f"TRAK-{m}", m, lambda m=m: trak(half[:m]))
 
-    versions = {"dattri": dattri.__version__, "torch": torch.__version__}
+    versions = {"dattri": version("dattri"), "torch": torch.__version__}
     report = {"proj_dim": args.proj_dim, "threads": args.threads, "lds": rows} | versions
     (args.run / "dattri.json").write_text(json.dumps(report, indent=2))
-    write_table(args.run, results, rows, args.proj_dim, dattri.__version__)
+    write_table(args.run, results, rows, args.proj_dim, version("dattri"))
     return 0
 
 
-def write_table(run: Path, results: dict, rows: list[dict], proj_dim: int, version: str):
+def write_table(run: Path, results: dict, rows: list[dict], proj_dim: int, dattri: str):
     """``dattri.md``: jbackprop's and dattri's LDS and seconds, method by method."""
     ours = {r["method"]: r for r in results["lds"]}
     lines = [
-        f"dattri {version} (projection {proj_dim}) against jbackprop (exact), same weights "
+        f"dattri {dattri} (projection {proj_dim}) against jbackprop (exact), same weights "
         "and ground truth",
         "",
         "| method | models | jbackprop LDS | jbackprop s | dattri LDS | dattri s |",
