@@ -201,6 +201,7 @@ def init(module, input_shape):
     return materialise(jax.eval_shape(module.init, jax.random.key(0), x))
 
 
+@pytest.mark.slow
 def test_flax_linen(nn, case):
     X, Y = data(case)
     module = linen_mlp(nn, case.widths, ACT[case.hidden], X.dtype)
@@ -413,6 +414,7 @@ def eqx_arrays(eqx, tree):
     return eqx.filter(tree, eqx.is_array)
 
 
+@pytest.mark.slow
 def test_equinox(eqx, case):
     X, Y = data(case)
     mlp = eqx_mlp(eqx, case.widths, ACT[case.hidden], X.dtype)
@@ -587,6 +589,7 @@ def test_missing_library_names_the_extra(monkeypatch):
 # --- the README's example -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_readme_flax_example_runs(nn):
     match = re.search(r"<!-- interop-example -->\s*```python\n(.*?)```", README.read_text(), re.S)
     assert match, "README has no block marked <!-- interop-example -->"

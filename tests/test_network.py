@@ -267,6 +267,7 @@ def dropout_case():
     return params, X, Y
 
 
+@pytest.mark.slow
 def test_dropout_same_key_same_masks_everywhere(dropout_case):
     params, X, Y = dropout_case
     out = dropout_outputs(params, X, Y, DROPOUT, jax.random.key(42))
@@ -337,6 +338,7 @@ def test_forward_ignores_dropout(dropout_case):
     np.testing.assert_allclose(jb.forward(params, X, DROPOUT), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradients_keep_the_params_container():
     """Params given as a list get list gradients, exactly the structure jax.grad returns."""
     model = jb.Model((3, 4, 2), l2=0.5)

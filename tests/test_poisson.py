@@ -55,6 +55,7 @@ def _assert_close(a, b, tol=1e-12):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_non_private_steps_are_grad_on_the_drawn_examples(problem):
     params, X, y = problem
     key = jax.random.key(3)
@@ -65,6 +66,7 @@ def test_non_private_steps_are_grad_on_the_drawn_examples(problem):
     assert len(set(sizes)) > 1  # the minibatch size varies from step to step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity", [None, 2])  # 2: a step's sample fills several blocks
 def test_private_steps_divide_the_noisy_clipped_sum_by_the_expected_size(problem, capacity):
     params, X, y = problem
@@ -97,6 +99,7 @@ def test_private_steps_divide_the_noisy_clipped_sum_by_the_expected_size(problem
     _assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_padding_rows_add_nothing_even_when_huge(problem):
     """Rows past a step's sample repeat example 0 with weight 0: when example 0 is never
     drawn, making its gradient enormous must change nothing, clipping included."""
@@ -129,6 +132,7 @@ def test_inclusion_rate_is_q_and_never_above():
     assert threshold / 2**32 <= q < (threshold + 1) / 2**32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("n", "b", "steps"), [(10, 3, 3), (10, 4, 3), (10, 10, 1), (9, 2, 5)])
 def test_steps_per_epoch_is_n_over_batch_size_rounded(n, b, steps):
     X = np.zeros((n, 3), np.float32)
@@ -149,6 +153,7 @@ def test_capacity_covers_three_standard_deviations():
     assert training.poisson_capacity(10, 10) == 10
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_and_arguments_are_checked(problem):
     params, X, y = problem
     kw = {"key": jax.random.key(5), "sampling": "poisson"}

@@ -145,6 +145,7 @@ SWEEP = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "targets"),
     # Soft targets for the costs whose δ^L has a special form for them, labels otherwise.

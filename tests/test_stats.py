@@ -166,6 +166,7 @@ def record(name, err):
 # --- grad_stats ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
 @settings(max_examples=3, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 2**31 - 1))
@@ -191,6 +192,7 @@ def test_grad_stats_match_autodiff_per_example_grads(cfg, seed):
             np.testing.assert_allclose(flat(s.grad), ref["mean"], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_grad_stats_float32_grad_is_bitwise_jb_grad_and_jits():
     model = jb.Model((4, 6, 3), hidden="relu", output="softmax", cost="log_likelihood", l2=1.0)
     rng = np.random.default_rng(1)
@@ -234,6 +236,7 @@ def test_grad_stats_never_forms_per_example_gradients():
 # --- diag_ggn --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
 @settings(max_examples=3, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 2**31 - 1))
@@ -267,6 +270,7 @@ def test_softmax_cross_entropy_is_not_convex_in_z():
         assert float(hessian_eigenvalues(jnp.array([2.0, 0.0, 0.0]), jnp.zeros(3))[0]) < -1e-3
 
 
+@pytest.mark.slow
 def test_diag_ggn_integer_labels_and_saturated_outputs():
     model = jb.Model((3, 4, 3), hidden="tanh", output="softmax", cost="cross_entropy")
     rng = np.random.default_rng(3)
@@ -289,6 +293,7 @@ def test_diag_ggn_integer_labels_and_saturated_outputs():
         assert np.all(np.isfinite(flat(r)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", MC_CONFIGS, ids=cfg_id)
 def test_diag_ggn_monte_carlo_converges_to_exact(cfg):
     """Fixed seeds; relative error (2-norm over all entries) below 0.1 with 2000 samples,

@@ -72,6 +72,7 @@ def test_models_differ_by_seed_and_share_one_value(problem):
     assert not np.allclose(a[0]["w"], b[0]["w"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

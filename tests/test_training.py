@@ -83,6 +83,7 @@ TRAIN = blobs(200, seed=0)
 VALID = blobs(100, seed=1)
 
 
+@pytest.mark.slow
 def test_learns_two_blobs():
     X, y = TRAIN
     X_test, y_test = blobs(200, seed=2)
@@ -100,6 +101,7 @@ def test_learns_two_blobs():
 # --- the update rule --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_batch_epoch_is_one_eq15_step(float64):
     n, eta, model = N64, 0.7, M64
     lmbda = model.l2
@@ -120,6 +122,7 @@ def test_full_batch_epoch_is_one_eq15_step(float64):
     assert len(history) == 1
 
 
+@pytest.mark.slow
 def test_remainder_minibatch_is_used(float64):
     n, batch, eta, model = N64, 3, 0.9, M64
     X, y = blobs(n, seed=4, dtype=np.float64)
@@ -167,6 +170,7 @@ def test_shuffle_follows_the_key_and_changes_every_epoch(float64):
     assert tree_max_diff(two, same_order_twice) > 1e-6
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_params_with_dropout():
     model = jb.Model(sizes=(2, 16, 2), dropout=0.3)
     X, y = blobs(60, seed=6)
