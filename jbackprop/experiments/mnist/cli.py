@@ -332,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="K",
         help="project the inputs on the top K principal directions of the training images "
-        "(rows scaled to norm 1); --sizes must then start with K (default: no projection)",
+        "(rows scaled to norm at most 1); --sizes must then start with K (default: none)",
     )
     extras.add_argument(
         "--dp-pca-noise",
