@@ -58,6 +58,7 @@ PARSE_ERRORS = {
     ),
     "bad bound": (["--dp-clip", "1,x"], "argument --dp-clip: expected one bound or comma"),
     "zero bound": (["--dp-clip", "0"], "argument --dp-clip: expected one bound or comma"),
+    "noise without clip": (["--dp-noise", "1.1"], "--dp-noise needs --dp-clip"),
     "epsilon without clip": (["--dp-epsilon", "1"], "--dp-epsilon needs --dp-clip"),
     "sampling without clip": (["--dp-sampling", "poisson"], "--dp-sampling needs --dp-clip"),
     "epsilon with shuffle": (

@@ -421,7 +421,7 @@ def _sizes_problem(args: argparse.Namespace) -> str | None:
 
 
 def _privacy_problem(args: argparse.Namespace) -> str | None:
-    dp_only = ("dp_epsilon", "dp_delta", "dp_accountant", "dp_sampling", "dp_pca_noise")
+    dp_only = ("dp_noise", "dp_epsilon", "dp_delta", "dp_accountant", "dp_sampling", "dp_pca_noise")
     if args.dp_clip is None:
         given = [_flag(name) for name in dp_only if getattr(args, name) is not None]
         return f"{given[0]} needs --dp-clip (DP-SGD is off without it)" if given else None
