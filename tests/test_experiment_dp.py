@@ -232,6 +232,7 @@ def test_the_learning_rate_falls_linearly_then_stays(flags, per_epoch):
     )
 
 
+@pytest.mark.slow
 def test_the_projection_is_private_with_noise_and_drawn_from_the_seed():
     X = np.random.default_rng(0).random((300, 784), dtype=np.float32)
     public = config.projection(parse(*PCA_NET), X)

@@ -101,6 +101,7 @@ def _assert_trees_close(a, b, rtol, atol):
 # --- noise off: the clipped mean -----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", ["some", "all", "none"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_matches_optax_aggregate_without_noise(x64, name, regime):
@@ -127,6 +128,7 @@ def test_matches_optax_aggregate_without_noise(x64, name, regime):
         assert 0 < clipped.sum() < M
 
 
+@pytest.mark.slow
 def test_matches_optax_aggregate_float32():
     model = MODELS["relu-softmax-3-dropout-l2-l1"]
     params, X, Y, key, n = _problem(model, jnp.float32, seed=3)
@@ -151,6 +153,7 @@ def test_clipped_mean_norm_is_at_most_clip(x64):
 # --- noise on -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_noise_matches_optax_draw_for_draw(x64):
     model = MODELS["relu-softmax-3-dropout-l2-l1"]
     params, X, Y, key, n = _problem(model, jnp.float64, seed=7)
@@ -164,6 +167,7 @@ def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(l)) for l in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow
 def test_noise_scale_matches_optax():
     """One draw on a 100x64 layer: per-coordinate noise std ≈ σC/m, as optax's."""
     model = jb.Model(sizes=(100, 64, 3))
@@ -306,6 +310,7 @@ def test_per_layer_clipping_matches_stored_per_example_grads(x64, name):
     _assert_trees_close(again, got, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_per_layer_noise_is_scaled_to_the_norm_of_the_bounds(x64):
     """σ sqrt(Σ C_l²): the same draws as whole-gradient clipping at C = sqrt(Σ C_l²). The
     bounds are large enough to clip nothing, so the clipped sums agree too."""
@@ -322,6 +327,7 @@ def test_per_layer_noise_is_scaled_to_the_norm_of_the_bounds(x64):
     assert abs(noise.std() / (0.7 * 130.0 / M) - 1) < 0.25  # 83 coordinates
 
 
+@pytest.mark.slow
 def test_dp_gradient_per_layer_and_its_arguments(x64):
     model = MODELS["sigmoid-2"]
     params, X, Y, _, _ = _problem(model, jnp.float64, seed=29)
@@ -369,6 +375,7 @@ def test_zero_weight_rows_contribute_nothing_not_even_to_clipping(x64):
 # --- DPGradient called directly --------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", [3, M])  # m = n_L flipped the gradient's sign; m != n_L raised
 def test_dp_gradient_with_integer_labels_equals_one_hot(x64, m):
     model = MODELS["sigmoid-2"]  # 3 outputs
@@ -496,6 +503,7 @@ def test_epsilon_is_monotone():
     assert isinstance(jb.privacy.epsilon(1.0, 0.01, 10, 1e-5), float)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_calibrate_noise_inverts_epsilon(accountant):
     # PLD is slow for subsampled steps; q = 1 (plain Gaussians) keeps this test quick
@@ -550,6 +558,7 @@ def test_accounting_arguments_are_checked(kwargs, match):
             jb.privacy.epsilon(1.0 if sigma is None else sigma, **args)
 
 
+@pytest.mark.slow
 def test_readme_private_training_example_runs():
     readme = Path(__file__).resolve().parents[1] / "README.md"
     found = re.search(r"<!-- privacy-example -->\s*```python\n(.*?)```", readme.read_text(), re.S)
