@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from jbackprop.data import DataError
+from jbackprop.experiments import argtypes
 from jbackprop.experiments.attribution.protocol import Setup, quick
 from jbackprop.experiments.attribution.run import DAMPINGS, run
 
@@ -21,24 +22,7 @@ half-size subsets; LDS of Grad-Dot, Grad-Cos, TracIn and exact TRAK with 1, 5 an
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
-    return value
+_POSITIVE = argtypes.number(0, low_open=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,19 +31,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with MNIST's IDX files (default: $JBACKPROP_DATA)")
     p.add_argument("--quick", action="store_true", help="a small smoke run (seconds, not minutes)")
     d = Setup()
-    p.add_argument("--subsets", type=_positive_int, default=d.subsets, help="LDS subsets")
+    p.add_argument("--subsets", type=argtypes.positive_int, default=d.subsets, help="LDS subsets")
     p.add_argument(
         "--runs-per-subset",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=d.runs_per_subset,
         help="models retrained on each subset, their costs averaged (dattri's default: 1)",
     )
-    p.add_argument("--models", type=_positive_int, default=d.models, help="models per ensemble")
-    p.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    p.add_argument(
+        "--models", type=argtypes.positive_int, default=d.models, help="models per ensemble"
+    )
+    p.add_argument("--epochs", type=argtypes.positive_int, default=d.epochs)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--damping",
-        type=_positive_float,
+        type=_POSITIVE,
         action="append",
         help=f"TRAK dampings to try on the tuning images (default: {DAMPINGS})",
     )

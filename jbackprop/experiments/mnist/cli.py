@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import NoReturn
 
 import jax
-import numpy as np
 
 from jbackprop import activations, costs, data
 from jbackprop import privacy as jb_privacy
-from jbackprop.experiments import distributed
+from jbackprop.experiments import argtypes, distributed
 from jbackprop.experiments.mnist.accounting import DP_ACCOUNTANT, DP_DELTA, SAMPLINGS
 from jbackprop.experiments.mnist.config import OPTIMIZERS, UserError, model_of
 from jbackprop.experiments.mnist.run import run
@@ -67,45 +66,10 @@ epoch and in metrics.json; with --dp-sampling shuffle no ε is claimed.
 # --- value types: each turns one flag's text into a checked value ------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _number(low: float, high: float | None = None, *, low_open: bool = False):
-    """A type for finite numbers in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        too_low = value <= low if low_open else value < low
-        if too_low or not np.isfinite(value) or (high is not None and value >= high):
-            bound = f"> {low}" if low_open else f">= {low}"
-            upper = f" and < {high}" if high is not None else ""
-            raise argparse.ArgumentTypeError(f"expected a number {bound}{upper}, got {text}")
-        return value
-
-    return parse
-
-
-_POSITIVE = _number(0, low_open=True)
-_NONNEGATIVE = _number(0)
-_RATE = _number(0, 1)
-_DELTA = _number(0, 1, low_open=True)
+_POSITIVE = argtypes.number(0, low_open=True)
+_NONNEGATIVE = argtypes.number(0)
+_RATE = argtypes.number(0, 1)
+_DELTA = argtypes.number(0, 1, low_open=True)
 
 # The type of each flag --sweep can vary: a swept value is checked as the flag's value is.
 SWEEP_TYPES = {
@@ -113,7 +77,7 @@ SWEEP_TYPES = {
     "lmbda": _NONNEGATIVE,
     "l1": _NONNEGATIVE,
     "dropout": _RATE,
-    "seed": _integer,
+    "seed": argtypes.integer,
 }
 
 
@@ -177,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     )
     net.add_argument(
         "--sizes",
-        type=_positive_int,
+        type=argtypes.positive_int,
         nargs="+",
         default=[784, 100, 10],
         metavar="N",
@@ -225,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--eta-decay-epochs",
-        type=_positive_int,
+        type=argtypes.positive_int,
         metavar="N",
         help="epochs over which the learning rate falls to --eta-end (default: none)",
     )
@@ -245,10 +209,16 @@ def parser() -> argparse.ArgumentParser:
         help="probability of dropping a hidden unit in training (default: %(default)s)",
     )
     train.add_argument(
-        "--batch-size", type=_positive_int, default=10, help="minibatch size (default: %(default)s)"
+        "--batch-size",
+        type=argtypes.positive_int,
+        default=10,
+        help="minibatch size (default: %(default)s)",
     )
     train.add_argument(
-        "--epochs", type=_positive_int, default=30, help="epochs to train (default: %(default)s)"
+        "--epochs",
+        type=argtypes.positive_int,
+        default=30,
+        help="epochs to train (default: %(default)s)",
     )
     train.add_argument(
         "--optimizer",
@@ -258,19 +228,19 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--seed",
-        type=_integer,
+        type=argtypes.integer,
         default=0,
         help="seeds initialisation, shuffles and dropout masks (default: %(default)s)",
     )
     train.add_argument(
         "--train-size",
-        type=_positive_int,
+        type=argtypes.positive_int,
         metavar="N",
         help="train on the first N training images only (default: all 50,000)",
     )
     train.add_argument(
         "--patience",
-        type=_positive_int,
+        type=argtypes.positive_int,
         metavar="N",
         help="stop after N epochs without a better validation accuracy, keeping the best "
         "epoch's parameters (default: train every epoch)",
@@ -329,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
     )
     extras.add_argument(
         "--pca",
-        type=_positive_int,
+        type=argtypes.positive_int,
         metavar="K",
         help="project the inputs on the top K principal directions of the training images "
         "(rows scaled to norm at most 1); --sizes must then start with K (default: none)",
@@ -366,13 +336,13 @@ def parser() -> argparse.ArgumentParser:
 
     multi = p.add_argument_group("several processes (jax.distributed)")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-    multi.add_argument("--num-processes", type=_positive_int, metavar="N", help="how many")
+    multi.add_argument("--num-processes", type=argtypes.positive_int, metavar="N", help="how many")
     multi.add_argument(
-        "--process-id", type=_integer, metavar="I", help="this process's index, 0..N-1"
+        "--process-id", type=argtypes.integer, metavar="I", help="this process's index, 0..N-1"
     )
     multi.add_argument(
         "--timeout",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=120,
         metavar="S",
         help="seconds to wait for the peers (default: %(default)s)",
