@@ -22,11 +22,12 @@ def markdown(results: dict) -> str:
         f"{s['n_test']} test images, {s['subsets']} subsets x {s['runs_per_subset']} "
         f"retraining(s), {s['epochs']} epochs",
         "",
-        "| method | models | LDS | seconds |",
-        "|---|---:|---:|---:|",
+        "| method | models | LDS ± s.e. | seconds (first call) | seconds (again) |",
+        "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['method']} | {r['models']} | {r['lds']:.4f} | {r['seconds']:.1f} |"
+        f"| {r['method']} | {r['models']} | {r['lds']:.4f} ± {r['lds_se']:.4f} | "
+        f"{r['seconds']:.1f} | {r['seconds_again']:.1f} |"
         for r in results["lds"]
     ]
     chosen = ", ".join(f"{m} model(s): {d:g}" for m, d in results["trak_damping"].items())
