@@ -67,8 +67,8 @@ def jacobian_products(acts1, deltas1, acts2, deltas2, trace: bool) -> Array:
     """The NTK block of one example against every row of the second set.
 
     ``deltas1[l]`` is ``(n_L, n_l)`` (row ``k`` backpropagated from ``δ^L = e_k``),
-    ``deltas2[l]`` is ``(m', n_L, n_l)``. Row ``k`` of the gradient of ``z^L_k`` is
-    ``δ^l_k aᵀ`` (eq 10), so ``Θ_jk = Σ_l (δ^l_j · δ'^l_k)(a · a' + 1)``: shape
+    ``deltas2[l]`` is ``(m', n_L, n_l)``. The layer-``l`` weight part of the gradient of
+    ``z^L_k`` is ``δ^l_k (a^{l-1})ᵀ`` (eq 10), so ``Θ_jk = Σ_l (δ^l_j · δ'^l_k)(a · a' + 1)``: shape
     ``(m', n_L, n_L)``, or its trace over the output pair, ``(m',)``.
     """
     total = 0.0
