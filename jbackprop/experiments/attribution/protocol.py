@@ -144,7 +144,23 @@ def lds_subset(setup: Setup, i: int) -> np.ndarray:
     return rng.choice(setup.n_train, setup.n_train // 2, replace=False)
 
 
-def test_costs(params, X, Y) -> np.ndarray:
+def _logits(params, x):
+    """``z^L`` of one example, written out (the targets and the autodiff reference)."""
+    a = x
+    for l, layer in enumerate(params):
+        z = layer["w"] @ a + layer["b"]
+        a = jax.nn.relu(z) if l < len(params) - 1 else z
+    return z
+
+
+def _example_cost(params, x, y):
+    return -jax.nn.log_softmax(_logits(params, x))[y]
+
+
+_costs = jax.jit(jax.vmap(_example_cost, (None, 0, 0)))
+
+
+def example_costs(params, X, Y) -> np.ndarray:
     """Each example's cost ``C_x = -ln a^L_y`` (dattri's per-example cross-entropy), from
     the logits with dropout off."""
     return np.asarray(_costs(params, jnp.asarray(X), jnp.asarray(Y)), np.float64)
@@ -168,7 +184,7 @@ def ground_truth(setup: Setup, data: Data, log=print) -> GroundTruth:
         keys = jax.random.split(jax.random.fold_in(base, i), setup.runs_per_subset)
         stacked = train(setup, keys, data.X[idx], data.Y[idx])
         costs = [
-            test_costs(unstack(stacked, r), data.X_test, data.Y_test)
+            example_costs(unstack(stacked, r), data.X_test, data.Y_test)
             for r in range(setup.runs_per_subset)
         ]
         subsets.append(idx)
@@ -209,21 +225,6 @@ def mean_lds(scores, subsets, targets) -> float:
 
 
 # --- gradient inner products against stored autodiff gradients --------------------------
-
-
-def _logits(params, x):
-    a = x
-    for l, layer in enumerate(params):
-        z = layer["w"] @ a + layer["b"]
-        a = jax.nn.relu(z) if l < len(params) - 1 else z
-    return z
-
-
-def _example_cost(params, x, y):
-    return -jax.nn.log_softmax(_logits(params, x))[y]
-
-
-_costs = jax.jit(jax.vmap(_example_cost, (None, 0, 0)))
 
 
 @jax.jit
