@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from scripts.bench import (
     ablate,
+    attribution,
     dp,
     full,
     ggn,
@@ -37,6 +38,7 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
     "many": many.run,
     "multiproc": multiproc.run,
     "scaling": scaling.run,
+    "attribution": attribution.run,
     "full": full.run,
 }
 
@@ -70,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--processes", type=ints, default=[1, 2, 4], help="multiproc counts")
     ap.add_argument("--multiproc-batch", type=int, default=1000)
     ap.add_argument("--scaling-widths", type=ints, default=list(scaling.WIDTHS))
+    ap.add_argument(
+        "--attr-examples", type=int, default=2000, help="examples in the grad_gram comparison"
+    )
     ap.add_argument("--scaling-epochs", type=int, default=3, help="timed epochs per cell")
     ap.add_argument(
         "--scaling-seconds", type=float, default=0.5, help="aimed seconds per scaling epoch"
