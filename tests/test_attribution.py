@@ -122,6 +122,7 @@ def case_id(case):
 # --- grad_gram ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_grad_gram_matches_stored_autodiff(case, x64):
     model, params, X1, Y1, X2, Y2 = setup(case)
@@ -273,6 +274,7 @@ def explicit_trak(models, X_tr, Y_tr, X_te, Y_te, model, damping):
     return (total / len(models)) * (q / len(models))[None, :]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=case_id)
 def test_trak_matches_explicit_features(case, x64):
     model, _, X_tr, Y_tr, X_te, Y_te = setup(case, m1=9, m2=4)
