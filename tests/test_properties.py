@@ -124,7 +124,7 @@ _both_jit = jax.jit(_both, static_argnames="model")
 @pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@settings(settings.get_profile("jbackprop-core"), max_examples=6)
+@settings(settings.get_profile("jbackprop-core"), max_examples=4)
 @given(problem=problems())
 def test_grad_matches_autodiff(problem, dtype, jit, worst_grad_diff, max_abs_diff):
     with jax.enable_x64(dtype == "float64"):
@@ -175,7 +175,7 @@ def _per_example_checks(params, X, Y, model, key, chunk_size):
 
 
 @pytest.mark.slow
-@settings(settings.get_profile("jbackprop-core"), max_examples=6)
+@settings(settings.get_profile("jbackprop-core"), max_examples=4)
 @given(problem=problems(min_m=2), data=st.data())
 def test_per_example_grads_mean_and_chunks(problem, data):
     chunk = data.draw(st.integers(1, problem.m - 1), label="chunk_size")
@@ -209,7 +209,7 @@ def _directional_check(problem: Problem) -> None:
 
 
 @pytest.mark.slow
-@settings(settings.get_profile("jbackprop-core"), max_examples=6)
+@settings(settings.get_profile("jbackprop-core"), max_examples=4)
 @given(problem=problems())
 def test_grad_matches_central_differences(problem):
     """The directional derivative along random directions, by central differences."""
