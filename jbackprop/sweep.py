@@ -28,10 +28,10 @@ from jbackprop import checks
 from jbackprop.model import Model, Params, architecture
 from jbackprop.network import init_params
 from jbackprop.training import (
+    cached,
     check_fit_args,
     check_optimizer,
     evaluation,
-    fingerprint,
     run_epoch,
 )
 
@@ -42,10 +42,6 @@ _COMPILED: OrderedDict[Any, tuple[Callable, Callable]] = OrderedDict()
 
 def _compiled(optimizer: optax.GradientTransformation, batch_size: int, shared_shuffle: bool):
     """The vmapped epoch and evaluation for these settings, built once (the last 16 kept)."""
-    key = (fingerprint(optimizer), batch_size, shared_shuffle)
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key]
     one_epoch = partial(run_epoch, optimizer=optimizer, batch_size=batch_size)
 
     def epoch(params, opt_state, models, X, Y, keys, n):
@@ -59,11 +55,11 @@ def _compiled(optimizer: optax.GradientTransformation, batch_size: int, shared_s
         many = jax.vmap(one_epoch, in_axes=(0, 0, 0, None, None, axis, 0, None))
         return many(params, opt_state, models, X, Y, perm, drop_keys, n)
 
-    evaluate = jax.vmap(evaluation, in_axes=(0, None, None, None, 0, None))
-    _COMPILED[key] = (jax.jit(epoch), jax.jit(evaluate))
-    if len(_COMPILED) > 16:
-        _COMPILED.popitem(last=False)
-    return _COMPILED[key]
+    def build() -> tuple[Callable, Callable]:
+        evaluate = jax.vmap(evaluation, in_axes=(0, None, None, None, 0, None))
+        return jax.jit(epoch), jax.jit(evaluate)
+
+    return cached(_COMPILED, (optimizer, batch_size, shared_shuffle), build, size=16)
 
 
 def _per_model(name: str, value, k: int, default: float, low: float, high: float | None):

@@ -157,6 +157,19 @@ def _batch_constraint(mesh: Mesh | None, size: int):
     return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
+def _apply(optimizer: optax.GradientTransformation, g: Params, params: Params, opt_state):
+    """One optimizer step: eq 4 for ``optax.sgd``."""
+    updates, opt_state = optimizer.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _report(progress: Callable[[int, int], None] | None, i: Array, steps: int) -> None:
+    """Call ``progress(i, steps)`` from inside the compiled loop, about 50 times an epoch."""
+    if progress is not None:
+        report = lambda: jax.debug.callback(progress, i, steps)  # noqa: E731
+        jax.lax.cond(i % max(1, steps // 50) == 0, report, lambda: None)
+
+
 def run_epoch(
     params: Params,
     opt_state: Any,
@@ -207,17 +220,14 @@ def run_epoch(
             g = minibatch_grad(params, Xb, Yb, model, n, key if model.has_dropout else None)
         else:
             g = gradient(params, Xb, Yb, model, n, key)
-        updates, opt_state = optimizer.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return _apply(optimizer, g, params, opt_state)
 
     steps, rem = divmod(X.shape[0], batch_size)
     step_keys = jax.random.split(drop_key, steps + 1)
 
     def body(carry, xs):
         i, ids, k = xs
-        if progress is not None:
-            report = lambda: jax.debug.callback(progress, i, steps)  # noqa: E731
-            jax.lax.cond(i % max(1, steps // 50) == 0, report, lambda: None)
+        _report(progress, i, steps)
         return step(carry, ids, k), None
 
     full = perm[: steps * batch_size].reshape(steps, batch_size)
@@ -350,14 +360,11 @@ def run_poisson_epoch(
         zeros = jax.tree.map(jnp.zeros_like, params)
         _, sums = jax.lax.while_loop(lambda s: s[0] * cap < count, block, (0, zeros))
         g = grad_fn.finish(sums, params, model, n, count, batch_size, k_finish)
-        updates, opt_state = optimizer.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return _apply(optimizer, g, params, opt_state)
 
     def body(carry, xs):
         i, k = xs
-        if progress is not None:
-            report = lambda: jax.debug.callback(progress, i, steps)  # noqa: E731
-            jax.lax.cond(i % max(1, steps // 50) == 0, report, lambda: None)
+        _report(progress, i, steps)
         return step(carry, k), None
 
     step_keys = jax.random.split(key, steps)
@@ -419,6 +426,13 @@ def fingerprint(obj: Any, _depth: int = 0) -> Any:
     return ("object", obj)
 
 
+def _fingerprint_or_identity(obj: Any) -> Any:
+    try:
+        return fingerprint(obj)
+    except _Opaque:
+        return ("identity", _Identity(obj))
+
+
 _EPOCHS: OrderedDict[Any, Callable] = OrderedDict()
 
 
@@ -437,14 +451,10 @@ def _compiled_epoch(
     The epoch key arrives as raw key data (``impl`` names its PRNG) so that it can be
     placed on a mesh spanning several processes like any other array.
     """
-    try:
-        key = (fingerprint(optimizer), batch_size, mesh, fingerprint(gradient), impl, progress)
-    except _Opaque:
-        key = (("id", optimizer), batch_size, mesh, ("id", gradient), impl, progress)
-    key = key if sampling == "shuffle" else (*key, sampling)
-    if key in _EPOCHS:
-        _EPOCHS.move_to_end(key)
-        return _EPOCHS[key]
+
+    def build() -> Callable:
+        out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        return jax.jit(epoch) if mesh is None else jax.jit(epoch, out_shardings=out)
 
     def epoch(params, opt_state, model, X, Y, key_data, n):
         key = key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
@@ -463,12 +473,24 @@ def _compiled_epoch(
             shard=_batch_constraint(mesh, batch_size), progress=progress,
         )  # fmt: skip
 
-    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    compiled = jax.jit(epoch) if mesh is None else jax.jit(epoch, out_shardings=out)
-    _EPOCHS[key] = compiled
-    if len(_EPOCHS) > 64:
-        _EPOCHS.popitem(last=False)
-    return compiled
+    settings = (optimizer, batch_size, mesh, gradient, impl, progress, sampling)
+    return cached(_EPOCHS, settings, build, size=64)
+
+
+def cached(cache: OrderedDict, settings: tuple, build: Callable[[], Any], size: int) -> Any:
+    """``cache``'s entry for ``settings``, built by ``build()`` the first time.
+
+    Each setting is matched by :func:`fingerprint` (by identity when it cannot be
+    fingerprinted), so equal optimizers built separately share an entry; the ``size`` most
+    recently used entries are kept.
+    """
+    key = tuple(_fingerprint_or_identity(setting) for setting in settings)
+    if key not in cache:
+        cache[key] = build()
+        if len(cache) > size:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
 
 
 def train_epoch(
