@@ -232,12 +232,6 @@ def _first(params: Params, model: Model):
     return tuple(params)
 
 
-def _labelled(params, X, Y, model, x_name: str, y_name: str):
-    X = checks.inputs(X, model, params, batched=True, name=x_name)
-    Y = checks.targets(Y, model, params, (X.shape[0],), name=y_name)
-    return X, Y
-
-
 def _chunk(chunk_size) -> int | None:
     return checks.positive_int("chunk_size", chunk_size, allow_none=True)
 
@@ -355,11 +349,11 @@ def grad_gram(
       ``(m1, m2)`` in the params' dtype.
     """
     params = _first(params, model)
-    X1, Y1 = _labelled(params, X1, Y1, model, "X1", "Y1")
+    X1, Y1 = checks.pair(X1, Y1, model, params, "X1", "Y1")
     if (X2 is None) != (Y2 is None):
         raise ValueError("X2 and Y2 must be given together (or both left out)")
     if X2 is not None:
-        X2, Y2 = _labelled(params, X2, Y2, model, "X2", "Y2")
+        X2, Y2 = checks.pair(X2, Y2, model, params, "X2", "Y2")
     chunk = _chunk(chunk_size)
     return _grad_gram(params, X1, Y1, X2, Y2, model, chunk, bool(normalize))
 
@@ -439,8 +433,8 @@ def tracin(
     stacked = _stack(checkpoints, model, "checkpoints")
     count = np.shape(stacked[0]["w"])[0]
     # Only the dtype of the stacked params is read here.
-    X_train, Y_train = _labelled(stacked, X_train, Y_train, model, "X_train", "Y_train")
-    X_test, Y_test = _labelled(stacked, X_test, Y_test, model, "X_test", "Y_test")
+    X_train, Y_train = checks.pair(X_train, Y_train, model, stacked, "X_train", "Y_train")
+    X_test, Y_test = checks.pair(X_test, Y_test, model, stacked, "X_test", "Y_test")
     etas = _etas(etas, count, X_train.dtype)
     chunk = _chunk(chunk_size)
     return _tracin(stacked, etas, X_train, Y_train, X_test, Y_test, model, chunk)
@@ -514,8 +508,8 @@ def trak(
             f"unit, got output {model.output.spec!r} with {model.sizes[-1]} units"
         )
     # Only the dtype of the stacked params is read here.
-    X_train, Y_train = _labelled(stacked, X_train, Y_train, model, "X_train", "Y_train")
-    X_test, Y_test = _labelled(stacked, X_test, Y_test, model, "X_test", "Y_test")
+    X_train, Y_train = checks.pair(X_train, Y_train, model, stacked, "X_train", "Y_train")
+    X_test, Y_test = checks.pair(X_test, Y_test, model, stacked, "X_test", "Y_test")
     damping = checks.scalar("damping", damping, positive=True)
     chunk = _chunk(chunk_size)
     return _trak(stacked, X_train, Y_train, X_test, Y_test, model, damping, chunk)

@@ -31,6 +31,7 @@ __all__ = [
     "check_params",
     "inputs",
     "like",
+    "pair",
     "positive_int",
     "prepare",
     "scalar",
@@ -187,12 +188,18 @@ def batch(params, X, Y, model: Model, n, key, regularised: bool = True):
     """Check a minibatch call's arguments; return ``params`` (a tuple), ``X`` and ``Y``."""
     check_model(model)
     check_params(params, model)
-    X = inputs(X, model, params, batched=True, name="X")
-    Y = targets(Y, model, params, (X.shape[0],), name="Y")
+    X, Y = pair(X, Y, model, params)
     if regularised:
         check_n(n, model)
     check_key(key, model)
     return tuple(params), X, Y
+
+
+def pair(X: Any, Y: Any, model: Model, params: Params, x_name: str = "X", y_name: str = "Y"):
+    """A minibatch ``X: (m, n_0)`` and its targets ``(m, n_L)`` (labels ``(m,)`` one-hot
+    encoded), in the params' dtype."""
+    X = inputs(X, model, params, batched=True, name=x_name)
+    return X, targets(Y, model, params, (X.shape[0],), name=y_name)
 
 
 def check_model(model: Any, where: str = "") -> None:
@@ -219,8 +226,7 @@ def prepare(params, model: Model, data: Any, name: str, allow_nonfinite: bool = 
         raise ValueError(f"{name} must be a pair (X, Y), got {type(data).__name__}") from None
     check_model(model)
     check_params(params, model)
-    X = inputs(X, model, params, batched=True, name=f"{name} X")
-    Y = targets(Y, model, params, (X.shape[0],), name=f"{name} Y")
+    X, Y = pair(X, Y, model, params, f"{name} X", f"{name} Y")
     if not allow_nonfinite and not bool(jnp.all(jnp.isfinite(X))):
         raise ValueError(
             f"{name} X contains NaN or infinite values; clean the data or pass allow_nonfinite=True"
