@@ -89,6 +89,14 @@ PARSE_ERRORS = {
     ),
     "half a schedule": (["--eta-end", "0.05"], "--eta-end and --eta-decay-epochs go together"),
     "the other half": (["--eta-decay-epochs", "3"], "--eta-end and --eta-decay-epochs go"),
+    "patience without validation": (
+        ["--no-validation", "--patience", "3"],
+        "--patience and --sweep need a validation set: drop --no-validation",
+    ),
+    "sweep without validation": (
+        ["--no-validation", "--sweep", "eta=0.1,1"],
+        "--patience and --sweep need a validation set",
+    ),
     "schedule in a sweep": (
         ["--sweep", "eta=0.1,1", "--eta-end", "0.05", "--eta-decay-epochs", "3"],
         "--sweep cannot be combined with",
@@ -366,6 +374,21 @@ def test_a_resumed_private_run_states_the_same_epsilon(private_run, mnist_dir, t
         load_file(folder / "pca.safetensors")["projection"],
         load_file(reference / "pca.safetensors")["projection"],
     )
+
+
+@pytest.mark.slow
+def test_without_validation_all_60000_training_images_train(mnist_dir):
+    flags = ["--data-dir", str(mnist_dir), "--no-progress"]
+    train, validation, test = config.load_data(parse(*flags), verbose=False)
+    assert validation is not None and len(train[0]) == 50_000
+    both, none, _ = config.load_data(parse(*flags, "--no-validation"), verbose=False)
+    assert none is None and len(both[0]) == 60_000
+    np.testing.assert_array_equal(both[0][:50_000], train[0])
+    np.testing.assert_array_equal(both[0][50_000:], validation[0])
+    np.testing.assert_array_equal(both[1][50_000:], validation[1])
+    assert config.config_of(parse("--no-validation"))["no_validation"] is True
+    assert "no_validation" not in config.config_of(parse())
+    assert config.project((both, none, test), np.eye(784, 20, dtype=np.float32))[1] is None
 
 
 @pytest.mark.slow

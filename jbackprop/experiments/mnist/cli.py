@@ -239,6 +239,13 @@ def parser() -> argparse.ArgumentParser:
         help="train on the first N training images only (default: all 50,000)",
     )
     train.add_argument(
+        "--no-validation",
+        action="store_true",
+        default=None,
+        help="train on all 60,000 training images, the 10,000 validation ones included, "
+        "and validate nothing (default: validate on the last 10,000)",
+    )
+    train.add_argument(
         "--patience",
         type=argtypes.positive_int,
         metavar="N",
@@ -375,7 +382,14 @@ def _inconsistency(args: argparse.Namespace) -> str | None:
         or _privacy_problem(args)
         or _schedule_problem(args)
         or _sweep_problem(args)
+        or _validation_problem(args)
     )
+
+
+def _validation_problem(args: argparse.Namespace) -> str | None:
+    if args.no_validation and (args.patience or args.sweep):
+        return "--patience and --sweep need a validation set: drop --no-validation"
+    return None
 
 
 def _sizes_problem(args: argparse.Namespace) -> str | None:

@@ -39,7 +39,7 @@ NOT_CONFIG = frozenset(
 # use them, keeps exactly its old keys and older folders stay resumable.
 OPTIONAL = frozenset(
     {"dp_epsilon", "dp_delta", "dp_accountant", "pca", "dp_pca_noise"}
-    | {"eta_end", "eta_decay_epochs"}
+    | {"eta_end", "eta_decay_epochs", "no_validation"}
 )
 
 # The PCA's noise is drawn from fold_in(key(seed), PCA_STREAM): a stream of its own, so
@@ -126,11 +126,14 @@ def projection(args: argparse.Namespace, train_X: np.ndarray) -> np.ndarray | No
     return np.asarray(jb.privacy.dp_pca(train_X, args.pca, noise, key))
 
 
-def project(splits: tuple[Split, Split, Split], P: np.ndarray | None) -> tuple[Split, Split, Split]:
-    """Every split's images times ``P`` (``(m, 784) @ (784, K)``); unchanged for None."""
+def project(
+    splits: tuple[Split, Split | None, Split], P: np.ndarray | None
+) -> tuple[Split, Split | None, Split]:
+    """Every split's images times ``P`` (``(m, 784) @ (784, K)``); unchanged for None, and
+    a missing split (no validation) stays missing."""
     if P is None:
         return splits
-    return tuple((X @ P, y) for X, y in splits)  # type: ignore[return-value]
+    return tuple(None if s is None else (s[0] @ P, s[1]) for s in splits)  # type: ignore[return-value]
 
 
 def run_folder(args: argparse.Namespace) -> Path:
@@ -157,8 +160,10 @@ def prepare_folder(out: Path) -> None:
         ) from None
 
 
-def load_data(args: argparse.Namespace, verbose: bool) -> tuple[Split, Split, Split]:
-    """Training, validation and test sets; ``verbose`` says where they come from.
+def load_data(args: argparse.Namespace, verbose: bool) -> tuple[Split, Split | None, Split]:
+    """Training, validation and test sets; ``verbose`` says where they come from. With
+    ``--no-validation`` the validation images join the training set (all 60,000, in the
+    file's order) and the validation set is None.
 
     The data set is looked up first without downloading, so the user learns which folder
     is used, or that it is about to be downloaded (and where), before any progress bar.
@@ -172,10 +177,14 @@ def load_data(args: argparse.Namespace, verbose: bool) -> tuple[Split, Split, Sp
             report.data_downloading(args.dataset, cache, data.candidate_dirs(args.dataset))
     ds = data.load(args.dataset, data_dir=folder, progress=args.progress)
     X, y = ds.train
+    validation = ds.validation
+    if getattr(args, "no_validation", None):
+        X, y = np.concatenate([X, validation[0]]), np.concatenate([y, validation[1]])
+        validation = None
     if args.train_size is not None:
         if args.train_size > len(X):
             raise UserError(f"--train-size {args.train_size} exceeds the {len(X)} training images")
         X, y = X[: args.train_size], y[: args.train_size]
     if args.batch_size > len(X):
         raise UserError(f"--batch-size {args.batch_size} exceeds the training-set size {len(X)}")
-    return (X, y), ds.validation, ds.test
+    return (X, y), validation, ds.test

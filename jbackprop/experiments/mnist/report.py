@@ -186,11 +186,10 @@ def privacy_result(plan: Plan, epochs: int) -> None:
     )
 
 
-def test_result(test_accuracy: float, final_epoch: int, best_epoch: int) -> None:
-    _say(
-        f"test accuracy {100 * test_accuracy:.2f}% (parameters of epoch {final_epoch}; "
-        f"best validation epoch {best_epoch})"
-    )
+def test_result(test_accuracy: float, final_epoch: int, best_epoch: int | None) -> None:
+    """The test accuracy; ``best_epoch`` None when nothing was validated."""
+    best = "no validation" if best_epoch is None else f"best validation epoch {best_epoch}"
+    _say(f"test accuracy {100 * test_accuracy:.2f}% (parameters of epoch {final_epoch}; {best})")
 
 
 def outputs(out: Path, written: Iterable[Path | str]) -> None:

@@ -153,7 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not main_process:
         return {}
-    best_epoch = max(history, key=lambda r: r.get("val_accuracy", 0.0))["epoch"]
+    validated = [r for r in history if "val_accuracy" in r]
+    best = max(validated, key=lambda r: r["val_accuracy"]) if validated else history[-1]
+    best_epoch = best["epoch"]
     test_accuracy = jb.accuracy(params, *test, model)
     epochs_done = history[-1]["epoch"]
     title = report.title(vars(args)) + report.privacy_title(plan, epochs_done)
@@ -175,7 +177,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.track_stats:
         final.append(plots.plot_grad_stats(out / GRAD_STATS, stats, title))
     report.test_result(
-        test_accuracy, best_epoch if args.patience else history[-1]["epoch"], best_epoch
+        test_accuracy,
+        best_epoch if args.patience else history[-1]["epoch"],
+        best_epoch if validated else None,
     )
     if plan is not None:
         report.privacy_result(plan, epochs_done)
