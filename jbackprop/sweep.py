@@ -27,13 +27,10 @@ from jax import Array
 from jbackprop import checks
 from jbackprop.model import Model, Params, architecture
 from jbackprop.network import init_params
-from jbackprop.training import (
-    cached,
-    check_fit_args,
-    check_optimizer,
-    evaluation,
-    run_epoch,
-)
+from jbackprop.training.compiled import cached
+from jbackprop.training.epoch import run_epoch
+from jbackprop.training.loop import check_fit_args, check_optimizer
+from jbackprop.training.metrics import evaluation
 
 __all__ = ["fit_many"]
 

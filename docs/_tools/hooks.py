@@ -5,8 +5,9 @@
   right above it), numbered with its line numbers in the file and linked to the file's
   source page. Names may be private (``jbackprop.costs._quadratic_delta``) or nested
   (``jbackprop.activations.Activation.backward``). An unknown name fails the build.
-* ``source/<module>.md``: one generated page per library module, the whole file with
-  numbered, linkable lines; listed in the navigation under "Source".
+* ``source/<module>.md``: one generated page per library module (``source/training/epoch.md``
+  for a module of a package), the whole file with numbered, linkable lines; listed in the
+  navigation under "Source".
 * ``experiments/runs/<run>/*.png``: the figures of ``experiments/runs/`` served beside the
   included ``experiments/README.md``, so that its relative links and images work; a line
   ``@run-figures`` becomes all of them, one image per figure, captioned with its run.
@@ -121,11 +122,13 @@ def code_block(dotted: str, page_uri: str) -> str:
 
 
 def modules() -> list[Path]:
-    return sorted(PACKAGE.glob("*.py"))
+    """The library's files: its modules and those of its packages, not the experiments."""
+    files = PACKAGE.rglob("*.py")
+    return sorted(p for p in files if "experiments" not in p.relative_to(PACKAGE).parts)
 
 
 def on_config(config, **kwargs):
-    pages = [{posixpath.basename(source_page(p))[:-3]: source_page(p)} for p in modules()]
+    pages = [{source_page(p)[len("source/") : -len(".md")]: source_page(p)} for p in modules()]
     config["nav"].append({"Source": pages})
     return config
 
