@@ -86,14 +86,9 @@ def _diag_ggn_mc(params, X, Y, model, key, mc_samples, mc_key):
 
 
 def diag_ggn(
-    params: Params,
-    X: Array,
-    Y: Array,
-    model: Model,
-    key: Array | None = None,
-    mc_samples: int | None = None,
-    mc_key: Array | None = None,
-) -> Params:
+    params: Params, X: Array, Y: Array, model: Model,
+    key: Array | None = None, mc_samples: int | None = None, mc_key: Array | None = None,
+) -> Params:  # fmt: skip
     """Diagonal of the generalised Gauss-Newton matrix of the minibatch cost, like ``params``.
 
     ``G = mean_i J_iᵀ H_i J_i``, where the cost ``C_{x_i}`` is split as ``ℓ(o_i)`` with

@@ -405,14 +405,9 @@ def _flax_params(tree: Any) -> Any:
 
 
 def from_flax(
-    params: Any,
-    *,
-    hidden: str | Activation | None = None,
-    output: str | Activation | None = None,
-    cost: str | Cost,
-    layers: LayerNames | None = None,
-    **model_kwargs: Any,
-) -> tuple[Params, Model]:
+    params: Any, *, hidden: str | Activation | None = None, output: str | Activation | None = None,
+    cost: str | Cost, layers: LayerNames | None = None, **model_kwargs: Any,
+) -> tuple[Params, Model]:  # fmt: skip
     """Convert a stack of Flax dense layers to jbackprop parameters and a :class:`Model`.
 
     Args:
@@ -475,13 +470,9 @@ def to_flax(params: Params, like: Any, *, layers: LayerNames | None = None) -> A
 
 def from_haiku(
     params: Mapping[str, Any],
-    *,
-    hidden: str | Activation | None = None,
-    output: str | Activation | None = None,
-    cost: str | Cost,
-    layers: LayerNames | None = None,
-    **model_kwargs: Any,
-) -> tuple[Params, Model]:
+    *, hidden: str | Activation | None = None, output: str | Activation | None = None,
+    cost: str | Cost, layers: LayerNames | None = None, **model_kwargs: Any,
+) -> tuple[Params, Model]:  # fmt: skip
     """Convert Haiku ``hk.Linear`` parameters (e.g. of ``hk.nets.MLP``) to jbackprop's.
 
     Args:

@@ -333,13 +333,9 @@ def backprop(params: Params, x: Array, y: Array, model: Model, key: Array | None
 
 
 def per_example_grads(
-    params: Params,
-    X: Array,
-    Y: Array,
-    model: Model,
-    key: Array | None = None,
-    chunk_size: int | None = None,
-) -> Params:
+    params: Params, X: Array, Y: Array, model: Model,
+    key: Array | None = None, chunk_size: int | None = None,
+) -> Params:  # fmt: skip
     """``jax.vmap`` of :func:`backprop`: each leaf gains a leading axis of size ``m``.
 
     The gradients are unregularised (eqs 5-10 per example), so there is no ``n``. To
@@ -437,12 +433,7 @@ def value_and_grad(
     """:func:`cost` and :func:`grad` from one forward pass.
 
     Args:
-      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer, tuple or list.
-      X: inputs ``(m, n_0)``.
-      Y: integer class labels ``(m,)`` or target vectors ``(m, n_L)``.
-      model: the :class:`~jbackprop.Model`.
-      n: the training-set size of eqs 12-15; required when ``l1`` or ``l2`` is on.
-      key: PRNG key drawing the dropout masks; required when ``model.has_dropout``.
+      params, X, Y, model, n, key: as for :func:`cost`.
 
     Returns:
       ``(cost, grad)``: the scalar cost (shape ``()``) and the gradient with the structure

@@ -63,9 +63,7 @@ def l1_penalty(params: Params, lmbda: float, n: float) -> Array:
     """``λ/n Σ |w^l_{jk}|``, the L1 term of eq 11.
 
     Args:
-      params: one ``{"w": (n_l, n_{l-1}), "b": (n_l,)}`` dict per layer; biases are ignored.
-      lmbda: ``λ``, the L1 strength.
-      n: the training-set size.
+      params, lmbda, n: as for :func:`l2_penalty`, with ``λ`` the L1 strength.
 
     Returns:
       A scalar array in the weights' dtype.
@@ -77,9 +75,7 @@ def l1_grad(w: Array, lmbda: float, n: float) -> Array:
     """``(λ/n) sign(w)``, taking ``sign(0) = 0`` so a zero weight stays at zero.
 
     Args:
-      w: one weight matrix ``(n_l, n_{l-1})`` (any shape works).
-      lmbda: ``λ``, the L1 strength.
-      n: the training-set size.
+      w, lmbda, n: as for :func:`l2_grad`, with ``λ`` the L1 strength.
 
     Returns:
       ``(λ/n) sign(w)``, the shape and dtype of ``w``.

@@ -77,12 +77,7 @@ def _grad_stats(params, X, Y, model, n, key):
 
 
 def grad_stats(
-    params: Params,
-    X: Array,
-    Y: Array,
-    model: Model,
-    n: int | None = None,
-    key: Array | None = None,
+    params: Params, X: Array, Y: Array, model: Model, n: int | None = None, key: Array | None = None
 ) -> GradStats:
     """The minibatch gradient and statistics of the per-example gradients, in one pass.
 

@@ -321,12 +321,8 @@ def _sweep(folder: Path, mnist_dir: Path, *flags: str) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_the_sweep_plot_is_titled_with_the_winner(mnist_dir, tmp_path):
     # Defaults outside the grid, so a title with the flags' values cannot pass.
-    metrics, stdout = _sweep(
-        tmp_path / "run",
-        mnist_dir,
-        *("--eta", "3", "--lmbda", "0"),
-        *("--sweep", "eta=0.1,0.5,1.0", "--sweep", "lmbda=1,5"),
-    )
+    grid = ("--sweep", "eta=0.1,0.5,1.0", "--sweep", "lmbda=1,5")
+    metrics, stdout = _sweep(tmp_path / "run", mnist_dir, "--eta", "3", "--lmbda", "0", *grid)
     winner = metrics["winner"]
     assert len(metrics["sweep"]) == 6 and winner["eta"] in (0.1, 0.5, 1.0)
     title = png_title((tmp_path / "run" / "learning_curves.png").read_bytes())
@@ -341,11 +337,8 @@ def test_the_sweep_plot_is_titled_with_the_winner(mnist_dir, tmp_path):
 
 @pytest.mark.slow
 def test_l1_dropout_and_seed_sweeps_train_distinct_models(mnist_dir, tmp_path):
-    metrics, _ = _sweep(
-        tmp_path / "run",
-        mnist_dir,
-        *("--sweep", "l1=0,2", "--sweep", "dropout=0,0.3", "--sweep", "seed=1,2"),
-    )
+    grid = ("--sweep", "l1=0,2", "--sweep", "dropout=0,0.3", "--sweep", "seed=1,2")
+    metrics, _ = _sweep(tmp_path / "run", mnist_dir, *grid)
     results = metrics["sweep"]
     assert len(results) == 8
     assert {(r["l1"], r["dropout"], r["seed"]) for r in results} == {

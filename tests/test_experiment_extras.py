@@ -25,26 +25,15 @@ def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     return proc
 
 
-def _experiment(*flags: str) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "jbackprop.experiments.mnist", *SMALL, *flags])
+def _experiment(data: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Two epochs of the small network on the first 500 images of ``data``, into ``out``."""
+    run = [*SMALL, "--train-size", "500", "--epochs", "2", "--data-dir", str(data), "--out"]
+    return _run([sys.executable, "-m", "jbackprop.experiments.mnist", *run, str(out), *flags])
 
 
 def test_sweep_picks_the_winner_by_validation(tmp_path, mnist_dir):
     out = tmp_path / "sweep"
-    proc = _experiment(
-        "--data-dir",
-        str(mnist_dir),
-        "--train-size",
-        "500",
-        "--epochs",
-        "2",
-        "--sweep",
-        "eta=0.05,1.0",
-        "--sweep",
-        "seed=0,1",
-        "--out",
-        str(out),
-    )
+    proc = _experiment(mnist_dir, out, "--sweep", "eta=0.05,1.0", "--sweep", "seed=0,1")
     metrics = json.loads((out / "metrics.json").read_text())
     sweep = metrics["sweep"]
     assert len(sweep) == 4 and {r["eta"] for r in sweep} == {0.05, 1.0}
@@ -57,25 +46,8 @@ def test_sweep_picks_the_winner_by_validation(tmp_path, mnist_dir):
 
 def test_private_training_with_statistics(tmp_path, mnist_dir):
     out = tmp_path / "dp"
-    _experiment(
-        "--data-dir",
-        str(mnist_dir),
-        "--train-size",
-        "500",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "50",
-        "--eta",
-        "1.0",
-        "--dp-clip",
-        "1.0",
-        "--dp-noise",
-        "0.5",
-        "--track-stats",
-        "--out",
-        str(out),
-    )
+    private = ["--batch-size", "50", "--eta", "1.0", "--dp-clip", "1.0", "--dp-noise", "0.5"]
+    _experiment(mnist_dir, out, *private, "--track-stats")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["dp_clip"] == 1.0 and metrics["config"]["dp_noise"] == 0.5
     stats = metrics["grad_stats"]

@@ -40,24 +40,15 @@ def _library(name: str) -> Any:
         pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def nn():
-    return _library("flax.linen")
+def _library_fixture(module: str):
+    """A module-scoped fixture giving ``module``, or skipping the tests that ask for it."""
+    return pytest.fixture(scope="module")(lambda: _library(module))
 
 
-@pytest.fixture(scope="module")
-def nnx():
-    return _library("flax.nnx")
-
-
-@pytest.fixture(scope="module")
-def eqx():
-    return _library("equinox")
-
-
-@pytest.fixture(scope="module")
-def hk():
-    return _library("haiku")
+nn = _library_fixture("flax.linen")
+nnx = _library_fixture("flax.nnx")
+eqx = _library_fixture("equinox")
+hk = _library_fixture("haiku")
 
 
 # --- the cases: widths, hidden activation, cost, dtype, l2 ----------------------------

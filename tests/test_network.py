@@ -139,35 +139,34 @@ def test_minibatch_grad_is_the_mean_by_hand():
     )
 
 
-def test_eq13_l2_by_hand():
-    # l2 = λ = 3, n = 10 (not the minibatch size 2): ∂C/∂W = ∂C_0/∂W + (λ/n) W = ... + 0.3 W.
-    #   ∂W¹ = [[0, 0], [0.75, 1.5]] + 0.3·[[0.5, -1], [1, 0.5]] = [[0.15, -0.3], [1.05, 1.65]]
-    #   ∂W² = [[0.125, -0.75]] + 0.3·[[2, -1]] = [[0.725, -1.05]]
-    #   biases unchanged: (0.5, 0.75) and -0.5.
-    # C = C_0 + λ/(2n) Σ w² = 0.625 + 0.15·(0.25 + 1 + 1 + 0.25 + 4 + 1) = 0.625 + 1.125 = 1.75
-    model, params = net221(l2=3.0)
-    want = (
-        {"w": [[0.15, -0.3], [1.05, 1.65]], "b": [0.5, 0.75]},
-        {"w": [[0.725, -1.05]], "b": [-0.5]},
-    )
+# l2 = λ = 3, n = 10 (not the minibatch size 2): ∂C/∂W = ∂C_0/∂W + (λ/n) W = ... + 0.3 W.
+#   ∂W¹ = [[0, 0], [0.75, 1.5]] + 0.3·[[0.5, -1], [1, 0.5]] = [[0.15, -0.3], [1.05, 1.65]]
+#   ∂W² = [[0.125, -0.75]] + 0.3·[[2, -1]] = [[0.725, -1.05]]
+#   biases unchanged: (0.5, 0.75) and -0.5.
+# C = C_0 + λ/(2n) Σ w² = 0.625 + 0.15·(0.25 + 1 + 1 + 0.25 + 4 + 1) = 0.625 + 1.125 = 1.75
+L2_BY_HAND = (
+    {"l2": 3.0},
+    ({"w": [[0.15, -0.3], [1.05, 1.65]], "b": [0.5, 0.75]}, {"w": [[0.725, -1.05]], "b": [-0.5]}),
+    1.75,
+)
+# l1 = λ = 2, n = 10: + (λ/n) sign(W) = + 0.2 sign(W)
+#   ∂W¹ = [[0 + 0.2, 0 - 0.2], [0.75 + 0.2, 1.5 + 0.2]],  ∂W² = [[0.125 + 0.2, -0.75 - 0.2]]
+# C = 0.625 + 0.2·(0.5 + 1 + 1 + 0.5 + 2 + 1) = 0.625 + 1.2 = 1.825
+L1_BY_HAND = (
+    {"l1": 2.0},
+    ({"w": [[0.2, -0.2], [0.95, 1.7]], "b": [0.5, 0.75]}, {"w": [[0.325, -0.95]], "b": [-0.5]}),
+    1.825,
+)
+
+
+@pytest.mark.parametrize(("penalty", "want", "cost"), [L2_BY_HAND, L1_BY_HAND], ids=["l2", "l1"])
+def test_eqs_11_to_13_penalties_by_hand(penalty, want, cost):
+    model, params = net221(**penalty)
     chex.assert_trees_all_close(jb.grad(params, X2, Y2, model, n=10), as_arrays(want), **TOL)
-    np.testing.assert_allclose(jb.cost(params, X2, Y2, model, n=10), 1.75, **TOL)
+    np.testing.assert_allclose(jb.cost(params, X2, Y2, model, n=10), cost, **TOL)
     c, g = jb.value_and_grad(params, X2, Y2, model, n=10)
-    np.testing.assert_allclose(c, 1.75, **TOL)
+    np.testing.assert_allclose(c, cost, **TOL)
     chex.assert_trees_all_close(g, as_arrays(want), **TOL)
-
-
-def test_l1_by_hand():
-    # l1 = λ = 2, n = 10: + (λ/n) sign(W) = + 0.2 sign(W)
-    #   ∂W¹ = [[0 + 0.2, 0 - 0.2], [0.75 + 0.2, 1.5 + 0.2]],  ∂W² = [[0.125 + 0.2, -0.75 - 0.2]]
-    # C = 0.625 + 0.2·(0.5 + 1 + 1 + 0.5 + 2 + 1) = 0.625 + 1.2 = 1.825
-    model, params = net221(l1=2.0)
-    want = (
-        {"w": [[0.2, -0.2], [0.95, 1.7]], "b": [0.5, 0.75]},
-        {"w": [[0.325, -0.95]], "b": [-0.5]},
-    )
-    chex.assert_trees_all_close(jb.grad(params, X2, Y2, model, n=10), as_arrays(want), **TOL)
-    np.testing.assert_allclose(jb.cost(params, X2, Y2, model, n=10), 1.825, **TOL)
 
 
 def test_l1_gradient_at_zero_is_zero():

@@ -120,6 +120,13 @@ def cfg_id(cfg):
     return "-".join(map(str, cfg[:5]))
 
 
+def over_drawn_batches(test):
+    """``test(cfg, seed)`` for every configuration, on three drawn seeds each (slow)."""
+    test = given(seed=st.integers(0, 2**31 - 1))(test)
+    test = settings(max_examples=3, deadline=None, derandomize=True, database=None)(test)
+    return pytest.mark.slow(pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)(test))
+
+
 def random_params(model, rng, dtype=np.float64):
     """Like ``jb.init_params(..., scheme="scaled")`` but drawn by NumPy (nothing compiles)."""
     return tuple(
@@ -166,10 +173,7 @@ def record(name, err):
 # --- grad_stats ------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
-@settings(max_examples=3, deadline=None, derandomize=True, database=None)
-@given(seed=st.integers(0, 2**31 - 1))
+@over_drawn_batches
 def test_grad_stats_match_autodiff_per_example_grads(cfg, seed):
     with jax.enable_x64(True):
         model, params, X, Y, key, n = make_batch(cfg, seed)
@@ -236,10 +240,7 @@ def test_grad_stats_never_forms_per_example_gradients():
 # --- diag_ggn --------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
-@settings(max_examples=3, deadline=None, derandomize=True, database=None)
-@given(seed=st.integers(0, 2**31 - 1))
+@over_drawn_batches
 def test_diag_ggn_matches_jacobian_hessian_reference(cfg, seed):
     with jax.enable_x64(True):
         model, params, X, Y, key, _ = make_batch(cfg, seed)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -232,18 +233,8 @@ def test_early_stopping_returns_the_best_epoch():
     params = jax.tree.map(lambda p: 0.01 * p, jb.init_params(jax.random.key(9), MODEL))
     states: list[jb.TrainState] = []
     epochs, patience = 60, 3
-    best, history = jb.fit(
-        params,
-        MODEL,
-        (X, y),
-        SGD,
-        epochs,
-        10,
-        jax.random.key(10),
-        (Xv, yv),
-        patience=patience,
-        on_epoch=states.append,
-    )
+    fit = partial(jb.fit, params, MODEL, (X, y), SGD, epochs, 10, jax.random.key(10), (Xv, yv))
+    best, history = fit(patience=patience, on_epoch=states.append)
     accs = [r["val_accuracy"] for r in history]
     best_epoch = 1 + accs.index(max(accs))  # the first epoch reaching the best accuracy
     assert best_epoch > 1 and accs[0] < max(accs)
@@ -255,18 +246,7 @@ def test_early_stopping_returns_the_best_epoch():
     assert jb.accuracy(best, Xv, yv, MODEL) == pytest.approx(max(accs))
 
     # Resuming a run that stopped early (same patience) trains no further epoch.
-    again, history2 = jb.fit(
-        params,
-        MODEL,
-        (X, y),
-        SGD,
-        epochs,
-        10,
-        jax.random.key(10),
-        (Xv, yv),
-        patience=patience,
-        resume=states[-1],
-    )
+    again, history2 = fit(patience=patience, resume=states[-1])
     assert without_seconds(history2) == without_seconds(history)
     assert_trees_equal(again, best)
 

@@ -229,19 +229,10 @@ def compiled_epoch(
 
 
 def train_epoch(
-    params: Params,
-    opt_state: Any,
-    model: Model,
-    X: Array,
-    Y: Array,
-    key: Array,
-    n: Any = None,
-    *,
-    optimizer: optax.GradientTransformation,
-    batch_size: int,
-    gradient: Callable | None = None,
-    sampling: str = "shuffle",
-) -> tuple[Params, Any]:
+    params: Params, opt_state: Any, model: Model, X: Array, Y: Array, key: Array, n: Any = None,
+    *, optimizer: optax.GradientTransformation, batch_size: int,
+    gradient: Callable | None = None, sampling: str = "shuffle",
+) -> tuple[Params, Any]:  # fmt: skip
     """One compiled epoch of :func:`jbackprop.fit`: shuffle with ``key``, then every minibatch
     (or, with ``sampling="poisson"``, ``round(n / batch_size)`` Poisson-sampled steps).
 
