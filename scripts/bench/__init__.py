@@ -20,6 +20,9 @@ public API only; ``--only`` picks them (comma separated):
 * ``multiproc``: ``jb.fit`` over 1, 2 and 4 local processes (gloo on loopback);
 * ``scaling``: examples/s of jb.fit's epoch, the ``jax.grad`` epoch and PyTorch for
   widths 100, 1000 and 4096 and 1 to 4 hidden layers, minibatch 128;
+* ``opacus``: a DP-SGD step of jbackprop (784-1000-10, ReLU and softmax, lot 600 and
+  minibatch 128) against Opacus 1.6 in its ``hooks`` and ``ghost`` (ghost clipping) modes,
+  with fixed-size and Poisson-sampled lots, and the clipped gradients compared at noise 0;
 * ``full`` (only with ``--full``): wall time of ``python -m jbackprop.experiments.mnist``
   for the chapter-3 run of 30 epochs.
 
@@ -30,6 +33,7 @@ them their rows are skipped with a note. They live in a separate virtual environ
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install -e . torch==2.13.0
     .venv-bench/bin/pip install --no-deps backpack-for-pytorch einops unfoldNd
+    .venv-bench/bin/pip install "opacus==1.6.*" opt-einsum     # the opacus section
 
 Run from the repository root (``.venv/bin/python`` works too, without the torch rows)::
 

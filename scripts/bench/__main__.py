@@ -19,6 +19,7 @@ from scripts.bench import (
     ggn,
     many,
     multiproc,
+    opacus,
     pex,
     scaling,
     stats,
@@ -39,6 +40,7 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
     "multiproc": multiproc.run,
     "scaling": scaling.run,
     "attribution": attribution.run,
+    "opacus": opacus.run,
     "full": full.run,
 }
 
