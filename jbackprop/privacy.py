@@ -22,9 +22,11 @@ norm at most ``C = sqrt(Σ_l C_l²)``, the sensitivity the noise is scaled to.
 
 The aggregation follows ``optax.contrib.differentially_private_aggregate``: the clipping
 rule, noise of standard deviation ``clip * noise_multiplier`` added to the *sum*, then the
-division by the minibatch size. Its noise is drawn the same way too, so for the same key
-:func:`clipped_grad` returns what that transformation's first update returns when fed
-:func:`jbackprop.per_example_grads`.
+division by the minibatch size. With the noise off, :func:`clipped_grad` returns what that
+transformation's first update returns when fed :func:`jbackprop.per_example_grads`. The
+noise has the same distribution but is drawn by :func:`jbackprop.noise.normal` (Box–Muller
+on half as many threefry hashes), not ``jax.random.normal``: drawing it is most of a
+private step's cost beyond the gradient's, and this draw costs about half as much.
 
 **Accounting.** :func:`epsilon` gives the ``ε`` of ``T`` adaptive compositions of the
 *Poisson-subsampled Gaussian mechanism*: every example of the ``n`` enters a step's sample
@@ -63,6 +65,7 @@ from jax import Array
 from jbackprop import checks
 from jbackprop.model import Model, Params
 from jbackprop.network import add_penalty_grads, batch_deltas, squared_norms
+from jbackprop.noise import normal
 
 __all__ = [
     "ACCOUNTANTS",
@@ -117,14 +120,10 @@ def weighted_sums(acts, deltas, factors) -> Params:
 
 
 def add_noise(sums: Params, std: Array, noise_key: Array) -> Params:
-    """Add ``N(0, std²)`` to every coordinate, one subkey per leaf as optax draws them."""
+    """Add ``N(0, std²)`` to every coordinate: leaf ``l`` draws :func:`jbackprop.noise.normal`
+    stream ``l`` of ``noise_key``."""
     leaves, treedef = jax.tree.flatten(sums)
-    # optax splits its key into a carried-over key and one subkey per leaf.
-    subkeys = jax.random.split(noise_key, len(leaves) + 1)[1:]
-    noisy = [
-        g + std * jax.random.normal(k, g.shape, g.dtype)
-        for g, k in zip(leaves, subkeys, strict=True)
-    ]
+    noisy = [g + std * normal(noise_key, g.shape, g.dtype, stream=l) for l, g in enumerate(leaves)]
     return jax.tree.unflatten(treedef, noisy)
 
 
@@ -274,8 +273,10 @@ def clipped_grad(
     standard deviation ``noise_multiplier * clip`` is added to every coordinate of the sum;
     and the result is divided by the minibatch size ``m``. This is
     ``optax.contrib.differentially_private_aggregate(clip, noise_multiplier, noise_key)``
-    applied to :func:`jbackprop.per_example_grads`, with the same noise for the same key,
-    but no per-example gradient is stored.
+    applied to :func:`jbackprop.per_example_grads`, but no per-example gradient is stored;
+    the noise, ``noise_multiplier * clip`` times :func:`jbackprop.noise.normal` of
+    ``noise_key`` (stream ``l`` for leaf ``l``), has that transformation's distribution,
+    not its draws.
 
     With ``clip=(C_1, ..., C_L)`` each layer's ``(w, b)`` gradient of each example is
     clipped to its own bound instead, still without per-example gradients, and the noise's
