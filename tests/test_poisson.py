@@ -3,6 +3,8 @@ gradients that equal an explicit computation on the drawn examples (padding adds
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,62 @@ def test_inclusion_rate_is_q_and_never_above():
     assert training.poisson_sample(jax.random.key(0), 10, 10).all()  # q = 1
     threshold = (b << 32) // n
     assert threshold / 2**32 <= q < (threshold + 1) / 2**32
+
+
+def _binomial_pmf(n: int, q: float) -> np.ndarray:
+    """``P(K = k)`` for ``K ~ Binomial(n, q)``, ``k = 0..n``, from log-gamma (no scipy)."""
+    k = np.arange(n + 1)
+    log_choose = math.lgamma(n + 1) - np.array(
+        [math.lgamma(i + 1) + math.lgamma(n - i + 1) for i in k]
+    )
+    return np.exp(log_choose + k * math.log(q) + (n - k) * math.log1p(-q))
+
+
+def _chi2_critical(df: int, z: float = 3.090) -> float:
+    """The chi-square quantile of ``df`` degrees of freedom at the normal quantile ``z``
+    (3.090: significance 0.001), by Wilson and Hilferty's cube-root approximation."""
+    c = 2 / (9 * df)
+    return df * (1 - c + z * math.sqrt(c)) ** 3
+
+
+def _pooled(expected: np.ndarray, observed: np.ndarray, least: float = 10.0):
+    """Adjacent cells merged until each expects at least ``least`` counts (the last
+    cell absorbs what is left), as the chi-square approximation asks."""
+    e_bins, o_bins, e, o = [], [], 0.0, 0
+    for ek, ok in zip(expected, observed, strict=True):
+        e, o = e + ek, o + ok
+        if e >= least:
+            e_bins.append(e)
+            o_bins.append(o)
+            e, o = 0.0, 0
+    e_bins[-1] += e
+    o_bins[-1] += o
+    return np.array(e_bins), np.array(o_bins)
+
+
+def test_sample_sizes_are_binomial_and_every_example_is_drawn_at_rate_q():
+    """2,000 steps over n = 3,000 at batch size 150: the sizes against Binomial(n, q) by a
+    chi-square test over pooled cells, and each example's count of inclusions against
+    Binomial(steps, q) by the dispersion (chi-square) statistic, both at significance
+    0.001 (fixed key, so one fixed outcome)."""
+    n, b, steps = 3000, 150, 2000
+    q = ((b << 32) // n) / 2**32  # the sampler's exact rate, q to 2⁻³²
+    keys = jax.random.split(jax.random.key(11), steps)
+    masks = np.asarray(jax.jit(jax.vmap(lambda k: training.poisson_sample(k, n, b)))(keys))
+    sizes = masks.sum(axis=1)
+
+    expected, observed = _pooled(steps * _binomial_pmf(n, q), np.bincount(sizes, minlength=n + 1))
+    assert observed.sum() == steps and len(expected) > 15
+    chi2 = np.sum((observed - expected) ** 2 / expected)
+    assert chi2 < _chi2_critical(len(expected) - 1)
+    assert abs(sizes.mean() - n * q) < 4 * math.sqrt(n * q * (1 - q) / steps)
+
+    counts = masks.sum(axis=0)  # per example: Binomial(steps, q)
+    rate_se = math.sqrt(q * (1 - q) / steps)
+    assert abs(counts.mean() / steps - q) < 4 * rate_se / math.sqrt(n)
+    assert np.max(np.abs(counts / steps - q)) < 5.5 * rate_se  # no example favoured
+    dispersion = np.sum((counts - steps * q) ** 2) / (steps * q * (1 - q))
+    assert dispersion < _chi2_critical(n)
 
 
 @pytest.mark.slow
