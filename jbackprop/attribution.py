@@ -21,8 +21,10 @@ Every quantity here is that identity applied to ``δ``'s from the one backward p
 * :func:`trak`: the ``δ^L`` of TRAK's margin ``ln(p/(1-p))``;
 * :func:`tracin`: :func:`grad_gram` summed over checkpoints.
 
-The first set's rows are processed ``chunk_size`` at a time, so the memory beyond the
-result is that of one chunk's products with the second set.
+The features (every ``a^{l-1}`` and ``δ^l``) are computed once for all rows, and the
+result in square blocks of ``chunk_size`` rows of each set, so the memory beyond the result
+and the features is that of one block's products; a set paired with itself computes only
+the blocks on and above the diagonal, and mirrors them.
 """
 
 from __future__ import annotations
@@ -44,53 +46,103 @@ from jbackprop.network import backward, batch_deltas, feedforward, squared_norms
 __all__ = ["empirical_ntk", "grad_gram", "tracin", "trak"]
 
 
-# --- the identity -----------------------------------------------------------------------
+# --- the identity, block by block --------------------------------------------------------
+
+# Edge of the square blocks the result is computed in when no chunk_size is given. A
+# block's products (two per layer, ``BLOCK²`` each) then fit in the 32 MiB last-level
+# cache of a server CPU, and its first-layer product ``A_0 A'_0ᵀ`` (``BLOCK × n_0 ×
+# BLOCK``) is still large enough for the matrix-multiply kernels to run at full speed.
+BLOCK = 512
 
 
-def gradient_products(acts1, deltas1, acts2, deltas2, inputs=None) -> Array:
-    """``Σ_l (δ^l_i · δ'^l_j)(a^{l-1}_i · a'^{l-1}_j + 1)`` (eqs 9-10) for one example ``i``
-    of the first set (``a: (n_{l-1},)``, ``δ: (n_l,)``) against every row ``j`` of the
-    second (``(m', n_l)``): the inner products ``⟨g_i, g'_j⟩``, shape ``(m',)``.
+# The product of two blocks' deltas, as an einsum: ``Δ Δ'ᵀ`` for the gradients of a scalar
+# cost; for the NTK, whose deltas carry an axis of ``n_L`` (one row per output unit), every
+# pair of output units, or their trace.
+GRADIENT, NTK, NTK_TRACE = "an,bn->ab", "ajn,bkn->abjk", "ajn,bjn->ab"
 
-    ``inputs``, if given, is the first layer's ``x_i · x'_j + 1`` (``a^0 = x``), computed
-    once for several models that share the inputs.
+
+def kernel_block(feats1, feats2, inputs: Array | None = None, *, spec: str = GRADIENT) -> Array:
+    """``Σ_l (Δ_l Δ'_lᵀ) ⊙ (A_l A'_lᵀ + 1)`` (eqs 9-10) for a block of rows of each set:
+    the inner products ``⟨g_i, g'_j⟩`` of every pair, shape ``(b1, b2)``.
+
+    ``feats1 = (acts, deltas)`` holds ``a^{l-1}: (b1, n_{l-1})`` and ``δ^l: (b1, n_l)``,
+    ``feats2`` the same for ``b2`` rows. ``spec`` is the einsum of the deltas' product:
+    with :data:`NTK`, ``δ^l`` is ``(b, n_L, n_l)`` (row ``k`` backpropagated from
+    ``δ^L = e_k``, the gradient of ``z^L_k``) and the block is ``(b1, b2, n_L, n_L)``; with
+    :data:`NTK_TRACE`, its trace over the output pair, ``(b1, b2)``. ``inputs``, if given,
+    is the first layer's ``A_0 A'_0ᵀ + 1`` (``a^0 = x``), computed once for several models
+    that share the inputs.
+
+    The layers' terms are one expression, so XLA fuses the elementwise products and the sum
+    into one pass over the block once the matrix products are done.
     """
+    (acts1, deltas1), (acts2, deltas2) = feats1, feats2
     total = 0.0
     for l, (a1, d1, a2, d2) in enumerate(
         zip(acts1[:-1], deltas1, acts2[:-1], deltas2, strict=True)
     ):
-        total = total + (d2 @ d1) * (inputs if l == 0 and inputs is not None else a2 @ a1 + 1.0)
+        outer = inputs if l == 0 and inputs is not None else a1 @ a2.T + 1.0
+        deltas = jnp.einsum(spec, d1, d2)
+        total = total + deltas * outer.reshape(outer.shape + (1,) * (deltas.ndim - 2))
     return total
 
 
-def jacobian_products(acts1, deltas1, acts2, deltas2, trace: bool) -> Array:
-    """The NTK block of one example against every row of the second set.
+def block_edge(m: int, chunk: int | None) -> int:
+    """The edge of the blocks that split ``m`` rows: at most ``chunk`` (``BLOCK`` if None),
+    and as even as possible, so that the last block overlaps the one before by only a few
+    rows."""
+    count = -(-m // min(m, chunk or BLOCK))
+    return -(-m // count)
 
-    ``deltas1[l]`` is ``(n_L, n_l)`` (row ``k`` backpropagated from ``δ^L = e_k``),
-    ``deltas2[l]`` is ``(m', n_L, n_l)``. The layer-``l`` weight part of the gradient of
-    ``z^L_k`` is ``δ^l_k (a^{l-1})ᵀ`` (eq 10), so ``Θ_jk = Σ_l (δ^l_j · δ'^l_k)(a · a' + 1)``: shape
-    ``(m', n_L, n_L)``, or its trace over the output pair, ``(m',)``.
+
+def blockwise(pair, feats1, feats2, chunk: int | None, inputs=None, mirror=None) -> Array:
+    """``pair`` of every block of rows of ``feats1`` with every block of ``feats2``, put
+    together into the ``(m1, m2, ...)`` matrix.
+
+    The features (every ``a`` and ``δ``) are computed once for all rows; only the products
+    are split. One ``lax.scan`` runs over the blocks, all of the same shape, so that one
+    compiled block serves them all: the last block starts early enough to end at the last
+    row (``block_edge`` keeps that overlap small). ``inputs`` (``(m1, m2)``, optional) is
+    sliced to each block and handed to ``pair``. With ``mirror`` (the second set is the
+    first), only the blocks on and above the diagonal are computed and ``mirror(block)`` is
+    written at the transposed place: half the products.
+
+    Memory beyond the result and the features is one block's intermediates.
     """
-    total = 0.0
-    for a1, d1, a2, d2 in zip(acts1[:-1], deltas1, acts2[:-1], deltas2, strict=True):
-        inputs = a2 @ a1 + 1.0
-        if trace:
-            total = total + jnp.einsum("jn,bjn->b", d1, d2) * inputs
-        else:
-            total = total + jnp.einsum("jn,bkn->bjk", d1, d2) * inputs[:, None, None]
-    return total
+    m1, m2 = feats1[0][0].shape[0], feats2[0][0].shape[0]
+    b1, b2 = block_edge(m1, chunk), block_edge(m2, chunk)
+    n1, n2 = -(-m1 // b1), -(-m2 // b2)
+    if n1 == n2 == 1:
+        return pair(feats1, feats2, inputs)
+
+    def rows(feats, start, size):
+        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), feats)
+
+    def step(out, ij):
+        s1, s2 = jnp.minimum(ij[0] * b1, m1 - b1), jnp.minimum(ij[1] * b2, m2 - b2)
+        cut = None if inputs is None else jax.lax.dynamic_slice(inputs, (s1, s2), (b1, b2))
+        block = pair(rows(feats1, s1, b1), rows(feats2, s2, b2), cut)
+        rest = (jnp.zeros_like(s1),) * (block.ndim - 2)  # an NTK block's output pair
+        out = jax.lax.dynamic_update_slice(out, block, (s1, s2, *rest))
+        if mirror is not None:
+            out = jax.lax.dynamic_update_slice(out, mirror(block), (s2, s1, *rest))
+        return out, None
+
+    block = jax.eval_shape(
+        lambda f1, f2, cut: pair(rows(f1, 0, b1), rows(f2, 0, b2), cut),
+        feats1,
+        feats2,
+        None if inputs is None else inputs[:b1, :b2],
+    )
+    pairs = [(i, j) for i in range(n1) for j in range(i if mirror else 0, n2)]
+    start = jnp.zeros((m1, m2, *block.shape[2:]), block.dtype)
+    return jax.lax.scan(step, start, jnp.asarray(pairs, jnp.int32))[0]
 
 
-def rows_in_chunks(row, xs, chunk: int | None):
-    """``row`` mapped over the leading axis of ``xs``, ``chunk`` rows at a time.
-
-    ``lax.map`` vmaps ``row`` over each chunk (and over the remainder), so only one chunk's
-    intermediates are alive at once; ``None`` maps over all rows in one go.
-    """
-    m = jax.tree.leaves(xs)[0].shape[0]
-    if chunk is None or chunk >= m:
-        return jax.vmap(row)(xs)
-    return jax.lax.map(row, xs, batch_size=chunk)
+def transpose_pair(block: Array) -> Array:
+    """A symmetric kernel's block at the transposed place: rows and columns swapped, and
+    the output pair too when the block has one (``Θ(x', x)_{kj} = Θ(x, x')_{jk}``)."""
+    return jnp.transpose(block, (1, 0, 3, 2)) if block.ndim == 4 else block.T
 
 
 def unit_deltas(params: Params, zs, model: Model):
@@ -144,23 +196,12 @@ def margin_features(params: Params, X: Array, y: Array, model: Model):
 # --- jitted kernels (validated arguments only) --------------------------------------------
 
 
-def pair_products(feats1, feats2, products, chunk: int | None, inputs=None) -> Array:
-    """``products`` of every row of the first set's ``(a, δ)`` against the whole second set,
-    ``chunk`` rows at a time: the ``(m1, m2, ...)`` matrix of inner products. ``inputs``
-    (``X1 X2ᵀ + 1``, optional) is handed to ``products`` row by row."""
-    acts1, deltas1 = feats1
-    if inputs is None:
-        return rows_in_chunks(lambda f: products(f[0], f[1], *feats2), feats1, chunk)
-    return rows_in_chunks(
-        lambda f: products(f[0], f[1], *feats2, inputs=f[2]), (acts1, deltas1, inputs), chunk
-    )
-
-
 @partial(jax.jit, static_argnames=("chunk", "normalize"))
 def _grad_gram(params, X1, Y1, X2, Y2, model, chunk, normalize):
     feats1 = batch_deltas(params, X1, Y1, model, None)
     feats2 = feats1 if X2 is None else batch_deltas(params, X2, Y2, model, None)
-    K = pair_products(feats1, feats2, gradient_products, chunk)
+    mirror = transpose_pair if X2 is None else None
+    K = blockwise(kernel_block, feats1, feats2, chunk, mirror=mirror)
     if not normalize:
         return K
     norm1 = jnp.sqrt(squared_norms(*feats1))
@@ -179,8 +220,9 @@ def _unit_features(params, X, model):
 def _empirical_ntk(params, X1, X2, model, chunk, trace):
     feats1 = _unit_features(params, X1, model)
     feats2 = feats1 if X2 is None else _unit_features(params, X2, model)
-    products = partial(jacobian_products, trace=trace)
-    return pair_products(feats1, feats2, products, chunk)
+    mirror = transpose_pair if X2 is None else None
+    block = partial(kernel_block, spec=NTK_TRACE if trace else NTK)
+    return blockwise(block, feats1, feats2, chunk, mirror=mirror)
 
 
 @partial(jax.jit, static_argnames="chunk")
@@ -192,7 +234,7 @@ def _tracin(stacked, etas, X_train, Y_train, X_test, Y_test, model, chunk):
         params, eta = checkpoint
         train = batch_deltas(params, X_train, Y_train, model, None)
         test = batch_deltas(params, X_test, Y_test, model, None)
-        gram = pair_products(test, train, gradient_products, chunk, inputs)
+        gram = blockwise(kernel_block, test, train, chunk, inputs)
         return total + eta * gram, None
 
     start = jnp.zeros((X_test.shape[0], X_train.shape[0]), X_train.dtype)
@@ -209,11 +251,12 @@ def _trak(stacked, X_train, Y_train, X_test, Y_test, model, damping, chunk):
     def one(totals, params):
         *train, q = margin_features(params, X_train, y_train, model)
         test = margin_features(params, X_test, y_test, model)[:2]
-        K = pair_products(train, train, gradient_products, chunk, inputs_train)  # ΦΦᵀ
-        k = pair_products(test, train, gradient_products, chunk, inputs_test)  # (Φ φ(z))ᵀ
+        K = blockwise(kernel_block, train, train, chunk, inputs_train, transpose_pair)  # ΦΦᵀ
+        k = blockwise(kernel_block, test, train, chunk, inputs_test)  # (Φ φ(z))ᵀ
         # K + λI is symmetric positive definite for λ > 0; λ is relative to mean ‖φ_i‖².
+        # λ goes onto the diagonal in place: no second (m, m) matrix.
         lam = damping * jnp.trace(K) / m
-        factor = jax.scipy.linalg.cho_factor(K + lam * jnp.eye(m, dtype=K.dtype))
+        factor = jax.scipy.linalg.cho_factor(K.at[jnp.diag_indices(m)].add(lam))
         scores = jax.scipy.linalg.cho_solve(factor, k.T).T  # k(z)ᵀ (K + λI)⁻¹
         return (totals[0] + scores, totals[1] + q), None
 
@@ -341,9 +384,9 @@ def grad_gram(
         (the default) pairs the first set with itself.
       normalize: return cosine similarities ``K_ij / (‖g_i‖ ‖g'_j‖)`` (0 where a gradient
         is zero).
-      chunk_size: rows of ``X1`` processed at a time (``None``: all at once). Beyond the
-        result and both sets' ``a`` and ``δ`` (``O(m Σ_l n_l)``), memory is a few
-        ``(chunk_size, m2)`` matrices per layer.
+      chunk_size: the edge of the square blocks the result is computed in (``None``:
+        512). Beyond the result and both sets' ``a`` and ``δ`` (``O(m Σ_l n_l)``), memory
+        is a few ``(chunk_size, chunk_size)`` matrices per layer.
 
     Returns:
       ``(m1, m2)`` in the params' dtype.
@@ -381,7 +424,9 @@ def empirical_ntk(
       X1: inputs ``(m1, n_0)``.
       X2: inputs ``(m2, n_0)``; ``None`` pairs ``X1`` with itself.
       trace: return the trace over the output pair, ``Σ_k Θ_kk``.
-      chunk_size: rows of ``X1`` processed at a time (``None``: all at once).
+      chunk_size: the edge of the blocks the result is computed in (``None``:
+        ``512 // n_L`` rows of each set, ``512`` with ``trace``). Beyond the result,
+        memory is a few blocks of ``(chunk_size, chunk_size, n_L, n_L)``.
 
     Returns:
       ``(m1, m2, n_L, n_L)``, entry ``[i, j, k, k']`` = ``∂z^L_k(x_i)/∂p · ∂z^L_k'(x'_j)/∂p``;
@@ -391,7 +436,12 @@ def empirical_ntk(
     X1 = checks.inputs(X1, model, params, batched=True, name="X1")
     if X2 is not None:
         X2 = checks.inputs(X2, model, params, batched=True, name="X2")
-    return _empirical_ntk(params, X1, X2, model, _chunk(chunk_size), bool(trace))
+    chunk = _chunk(chunk_size)
+    if chunk is None and not trace:
+        # The deltas' product of a (b, b, n_L, n_L) block is a (b n_L, b n_L) matrix: the
+        # size of a gradient Gram block of BLOCK rows when b = BLOCK / n_L.
+        chunk = max(1, BLOCK // model.sizes[-1])
+    return _empirical_ntk(params, X1, X2, model, chunk, bool(trace))
 
 
 def tracin(
@@ -425,7 +475,8 @@ def tracin(
       X_test, Y_test: ``(m_test, n_0)`` and labels ``(m_test,)`` or targets.
       model: the network of every checkpoint.
       etas: ``η_k``: ``None`` (all 1), one number, or one per checkpoint.
-      chunk_size: test rows processed at a time (``None``: all at once).
+      chunk_size: the edge of the blocks the ``(m_test, m_train)`` products are computed
+        in (``None``: 512).
 
     Returns:
       ``(m_test, m_train)``: the influence of each training example on each test example.
@@ -494,7 +545,8 @@ def trak(
       damping: ``λ`` relative to the mean diagonal of ``K``; must be > 0. On dattri's
         MNIST-10 + MLP benchmark, 1 was the best of 0.03-3 for 1, 5 and 10 models
         (it stands in for the regularisation that the projection gives).
-      chunk_size: rows processed at a time when forming ``K`` and ``k`` (``None``: all).
+      chunk_size: the edge of the blocks ``K`` and ``k`` are computed in (``None``: 512).
+        Memory is ``K``, its factor and ``k`` (``O(m_train²)``) and one block's products.
 
     Returns:
       ``(m_test, m_train)``: positive where the training example raises the test

@@ -156,6 +156,33 @@ def test_grad_gram_chunks_equal_all_at_once(x64):
     )
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 5, 12])
+def test_grad_gram_blocks_match_stored_autodiff(chunk, x64):
+    """Blocks that divide the rows, that overlap at the end, and a set paired with itself
+    (only the blocks on and above the diagonal computed, the others mirrored)."""
+    model, params, X1, Y1, X2, Y2 = setup(CASES[3], m1=13, m2=6)
+    G1 = loss_rows(params, X1, targets(Y1, model), model)
+    G2 = loss_rows(params, X2, targets(Y2, model), model)
+    self_gram = jb.grad_gram(params, X1, Y1, model, chunk_size=chunk)
+    np.testing.assert_allclose(self_gram, G1 @ G1.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        jb.grad_gram(params, X1, Y1, model, X2, Y2, chunk_size=chunk),
+        G1 @ G2.T,
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+def test_block_edges_cover_every_row():
+    for m in (1, 7, 512, 513, 1000, 5000):
+        for chunk in (None, 1, 3, 512, 10_000):
+            b = attribution.block_edge(m, chunk)
+            count = -(-m // b)
+            assert 1 <= b <= min(m, chunk or attribution.BLOCK)
+            # the last block starts at m - b, overlapping the one before by < count rows
+            assert (count - 1) * b < m <= count * b and count * b - m < count
+
+
 def test_grad_gram_is_the_gradients_of_per_example_grads(x64):
     """Same gradients as jbackprop.per_example_grads; dropout is off, as at inference."""
     model, params, X1, Y1, _, _ = setup(CASES[3])
