@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import traceback
-from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -126,235 +125,123 @@ def _prog() -> str:
     return SCRIPT if Path(sys.argv[0]).name == SCRIPT else PROG
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The epilog's examples keep their lines, and a flag's help (still wrapped) ends with
+    its default, unless the flag has none (``None``, an on/off switch) or says it itself."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=30)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool) or "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     """The experiment's flags, each with its default in its help."""
     p = _Parser(
-        prog=_prog(),
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        # Raw: the epilog's examples keep their lines; flags' help is still wrapped.
-        formatter_class=partial(argparse.RawDescriptionHelpFormatter, max_help_position=30),
+        prog=_prog(), description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter
     )
-    net = p.add_argument_group("network")
-    net.add_argument(
-        "--dataset", choices=data.DATASETS, default="mnist", help="(default: %(default)s)"
-    )
-    net.add_argument(
-        "--sizes",
-        type=argtypes.positive_int,
-        nargs="+",
-        default=[784, 100, 10],
-        metavar="N",
-        help="layer widths: 784 inputs first, 10 outputs last (default: 784 100 10)",
-    )
-    net.add_argument(
-        "--hidden",
-        type=_activation,
-        default="sigmoid",
-        metavar="NAME",
+    positive, integer = argtypes.positive_int, argtypes.integer
+
+    # One line a flag, or its help's lines under it: the flags read as a table.
+    # fmt: off
+
+    net = p.add_argument_group("network").add_argument
+    net("--dataset", choices=data.DATASETS, default="mnist", help="the images to learn")
+    net("--sizes", type=positive, nargs="+", default=[784, 100, 10], metavar="N",
+        help="layer widths: 784 inputs first, 10 outputs last (default: 784 100 10)")
+    net("--hidden", type=_activation, default="sigmoid", metavar="NAME",
         help=f"hidden activation: one of {', '.join(activations.names())}; "
-        "leaky_relu(SLOPE) sets its slope (default: %(default)s)",
-    )
-    net.add_argument(
-        "--output",
-        type=_activation,
-        default="sigmoid",
-        metavar="NAME",
-        help="output activation, the same names (default: %(default)s)",
-    )
-    net.add_argument(
-        "--cost",
-        choices=costs.names(),
-        default="cross_entropy",
-        help="log_likelihood needs --output softmax (default: %(default)s)",
-    )
-    net.add_argument(
-        "--init",
-        choices=("normal", "scaled"),
-        default="scaled",
+        "leaky_relu(SLOPE) sets its slope")
+    net("--output", type=_activation, default="sigmoid", metavar="NAME",
+        help="output activation, the same names")
+    net("--cost", choices=costs.names(), default="cross_entropy",
+        help="log_likelihood needs --output softmax")
+    net("--init", choices=("normal", "scaled"), default="scaled",
         help="weights N(0, 1/n_in) (scaled) or N(0, 1) (normal, the book's chapter 1); "
-        "biases N(0, 1) (default: %(default)s)",
-    )
+        "biases N(0, 1)")
 
-    train = p.add_argument_group("training")
-    train.add_argument(
-        "--eta", type=_POSITIVE, default=0.5, help="learning rate η (default: %(default)s)"
-    )
-    train.add_argument(
-        "--eta-end",
-        type=_POSITIVE,
-        metavar="ETA",
-        help="let the learning rate fall linearly, step by step, from --eta to ETA over the "
-        "first --eta-decay-epochs epochs, then stay at ETA (default: constant --eta)",
-    )
-    train.add_argument(
-        "--eta-decay-epochs",
-        type=argtypes.positive_int,
-        metavar="N",
-        help="epochs over which the learning rate falls to --eta-end (default: none)",
-    )
-    train.add_argument(
-        "--lmbda",
-        type=_NONNEGATIVE,
-        default=5.0,
-        help="L2 regularisation λ, the book's spelling; Model's l2 (default: %(default)s)",
-    )
-    train.add_argument(
-        "--l1", type=_NONNEGATIVE, default=0.0, help="L1 regularisation λ (default: %(default)s)"
-    )
-    train.add_argument(
-        "--dropout",
-        type=_RATE,
-        default=0.0,
-        help="probability of dropping a hidden unit in training (default: %(default)s)",
-    )
-    train.add_argument(
-        "--batch-size",
-        type=argtypes.positive_int,
-        default=10,
-        help="minibatch size (default: %(default)s)",
-    )
-    train.add_argument(
-        "--epochs",
-        type=argtypes.positive_int,
-        default=30,
-        help="epochs to train (default: %(default)s)",
-    )
-    train.add_argument(
-        "--optimizer",
-        choices=tuple(OPTIMIZERS),
-        default="sgd",
-        help="plain SGD, SGD with momentum 0.9, or Adam, each with step η (default: %(default)s)",
-    )
-    train.add_argument(
-        "--seed",
-        type=argtypes.integer,
-        default=0,
-        help="seeds initialisation, shuffles and dropout masks (default: %(default)s)",
-    )
-    train.add_argument(
-        "--train-size",
-        type=argtypes.positive_int,
-        metavar="N",
-        help="train on the first N training images only (default: all 50,000)",
-    )
-    train.add_argument(
-        "--no-validation",
-        action="store_true",
-        default=None,
-        help="train on all 60,000 training images, the 10,000 validation ones included, "
-        "and validate nothing (default: validate on the last 10,000)",
-    )
-    train.add_argument(
-        "--patience",
-        type=argtypes.positive_int,
-        metavar="N",
-        help="stop after N epochs without a better validation accuracy, keeping the best "
-        "epoch's parameters (default: train every epoch)",
-    )
-    train.add_argument(
-        "--sweep",
-        type=_sweep,
-        action="append",
-        metavar="NAME=V1,V2,...",
-        help=f"train one model per value, all at once; NAME is one of "
-        f"{', '.join(HYPERPARAMETERS)}; repeat the flag for a grid of every combination "
-        "(default: no sweep)",
-    )
+    train = p.add_argument_group("training").add_argument
+    train("--eta", type=_POSITIVE, default=0.5, help="learning rate η")
+    train("--eta-end", type=_POSITIVE, metavar="ETA",
+          help="let the learning rate fall linearly, step by step, from --eta to ETA over the "
+          "first --eta-decay-epochs epochs, then stay at ETA (default: constant --eta)")
+    train("--eta-decay-epochs", type=positive, metavar="N",
+          help="epochs over which the learning rate falls to --eta-end (default: none)")
+    train("--lmbda", type=_NONNEGATIVE, default=5.0,
+          help="L2 regularisation λ, the book's spelling; Model's l2")
+    train("--l1", type=_NONNEGATIVE, default=0.0, help="L1 regularisation λ")
+    train("--dropout", type=_RATE, default=0.0,
+          help="probability of dropping a hidden unit in training")
+    train("--batch-size", type=positive, default=10, help="minibatch size")
+    train("--epochs", type=positive, default=30, help="epochs to train")
+    train("--optimizer", choices=tuple(OPTIMIZERS), default="sgd",
+          help="plain SGD, SGD with momentum 0.9, or Adam, each with step η")
+    train("--seed", type=integer, default=0,
+          help="seeds initialisation, shuffles and dropout masks")
+    train("--train-size", type=positive, metavar="N",
+          help="train on the first N training images only (default: all 50,000)")
+    train("--no-validation", action="store_true", default=None,
+          help="train on all 60,000 training images, the 10,000 validation ones included, "
+          "and validate nothing (default: validate on the last 10,000)")
+    train("--patience", type=positive, metavar="N",
+          help="stop after N epochs without a better validation accuracy, keeping the best "
+          "epoch's parameters (default: train every epoch)")
+    train("--sweep", type=_sweep, action="append", metavar="NAME=V1,V2,...",
+          help=f"train one model per value, all at once; NAME is one of "
+          f"{', '.join(HYPERPARAMETERS)}; repeat the flag for a grid of every combination "
+          "(default: no sweep)")
 
-    extras = p.add_argument_group("privacy and statistics")
-    extras.add_argument(
-        "--dp-clip",
-        type=_clip,
-        metavar="C",
-        help="DP-SGD: clip every example's gradient to norm C; C1,C2,... (one bound per "
-        "layer, comma-separated, no spaces) clips each layer's gradient to its own bound, "
-        "and the noise is then scaled to sqrt(C1²+C2²+...) (default: no clipping)",
-    )
-    extras.add_argument(
-        "--dp-noise",
-        type=_NONNEGATIVE,
-        metavar="SIGMA",
-        help="DP-SGD: add Gaussian noise of deviation SIGMA*C to the summed clipped gradients "
-        "(default: 0.0)",
-    )
-    extras.add_argument(
-        "--dp-epsilon",
-        type=_POSITIVE,
-        metavar="EPS",
-        help="DP-SGD: instead of --dp-noise, the smallest SIGMA that spends at most EPS over "
-        "--epochs (with the private PCA, if any) at --dp-delta (default: none)",
-    )
-    extras.add_argument(
-        "--dp-delta",
-        type=_DELTA,
-        metavar="DELTA",
-        help=f"DP-SGD: the δ of the (ε, δ) stated; keep it below 1/n (default: {DP_DELTA})",
-    )
-    extras.add_argument(
-        "--dp-accountant",
-        choices=jb_privacy.ACCOUNTANTS,
-        help="DP-SGD: Rényi DP (fast) or privacy-loss distributions (tighter, slower) "
-        f"(default: {DP_ACCOUNTANT})",
-    )
-    extras.add_argument(
-        "--dp-sampling",
-        choices=SAMPLINGS,
-        help="DP-SGD: Poisson-sampled lots, each example in each with probability "
-        "batch-size/n, as the accountants assume; or shuffled minibatches, for which no ε "
-        "is claimed (default: poisson)",
-    )
-    extras.add_argument(
-        "--pca",
-        type=argtypes.positive_int,
-        metavar="K",
-        help="project the inputs on the top K principal directions of the training images "
-        "(rows scaled to norm at most 1); --sizes must then start with K (default: none)",
-    )
-    extras.add_argument(
-        "--dp-pca-noise",
-        type=_POSITIVE,
-        metavar="S",
-        help="with --pca and DP-SGD: make the projection private by Gaussian noise of "
-        "deviation S on the covariance; its ε is part of the ε stated (default: none)",
-    )
-    extras.add_argument(
-        "--track-stats",
-        action="store_true",
-        help="after every epoch, record the median per-example gradient norm and the "
-        "gradient noise scale (grad_stats.png)",
-    )
+    dp = p.add_argument_group("private training (DP-SGD)").add_argument
+    dp("--dp-clip", type=_clip, metavar="C",
+       help="clip every example's gradient to norm C; C1,C2,... (one bound per layer, "
+       "comma-separated, no spaces) clips each layer's gradient to its own bound, and the "
+       "noise is then scaled to sqrt(C1²+C2²+...) (default: no clipping)")
+    dp("--dp-noise", type=_NONNEGATIVE, metavar="SIGMA",
+       help="add Gaussian noise of deviation SIGMA*C to the summed clipped gradients "
+       "(default: 0.0)")
+    dp("--dp-epsilon", type=_POSITIVE, metavar="EPS",
+       help="instead of --dp-noise, the smallest SIGMA that spends at most EPS over --epochs "
+       "(with the private PCA, if any) at --dp-delta (default: none)")
+    dp("--dp-delta", type=_DELTA, metavar="DELTA",
+       help=f"the δ of the (ε, δ) stated; keep it below 1/n (default: {DP_DELTA})")
+    dp("--dp-accountant", choices=jb_privacy.ACCOUNTANTS,
+       help="Rényi DP (fast) or privacy-loss distributions (tighter, slower) "
+       f"(default: {DP_ACCOUNTANT})")
+    dp("--dp-sampling", choices=SAMPLINGS,
+       help="Poisson-sampled lots, each example in each with probability batch-size/n, as "
+       "the accountants assume; or shuffled minibatches, for which no ε is claimed "
+       "(default: poisson)")
+    dp("--dp-pca-noise", type=_POSITIVE, metavar="S",
+       help="with --pca: make the projection private by Gaussian noise of deviation S on the "
+       "covariance; its ε is part of the ε stated (default: none)")
 
-    files = p.add_argument_group("files")
-    files.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="folder holding the four IDX .gz files (default: $JBACKPROP_DATA/<dataset>, "
-        "then the user cache, then /usr/share/datasets/<dataset>, else download)",
-    )
-    files.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="run folder (default: runs/<dataset>-<date>-<time>)",
-    )
-    files.add_argument("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
+    extras = p.add_argument_group("inputs and statistics").add_argument
+    extras("--pca", type=positive, metavar="K",
+           help="project the inputs on the top K principal directions of the training images "
+           "(rows scaled to norm at most 1); --sizes must then start with K (default: none)")
+    extras("--track-stats", action="store_true",
+           help="after every epoch, record the median per-example gradient norm and the "
+           "gradient noise scale (grad_stats.png)")
 
-    multi = p.add_argument_group("several processes (jax.distributed)")
-    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-    multi.add_argument("--num-processes", type=argtypes.positive_int, metavar="N", help="how many")
-    multi.add_argument(
-        "--process-id", type=argtypes.integer, metavar="I", help="this process's index, 0..N-1"
-    )
-    multi.add_argument(
-        "--timeout",
-        type=argtypes.positive_int,
-        default=120,
-        metavar="S",
-        help="seconds to wait for the peers (default: %(default)s)",
-    )
+    files = p.add_argument_group("files").add_argument
+    files("--resume", type=Path, metavar="DIR", help="continue the run saved in DIR")
+    files("--out", type=Path, metavar="DIR",
+          help="run folder (default: runs/<dataset>-<date>-<time>)")
+    files("--data-dir", type=Path, metavar="DIR",
+          help="folder holding the four IDX .gz files (default: $JBACKPROP_DATA/<dataset>, "
+          "then the user cache, then /usr/share/datasets/<dataset>, else download)")
 
+    multi = p.add_argument_group("several processes (jax.distributed)").add_argument
+    multi("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    multi("--num-processes", type=positive, metavar="N", help="how many")
+    multi("--process-id", type=integer, metavar="I", help="this process's index, 0..N-1")
+    multi("--timeout", type=positive, default=120, metavar="S",
+          help="seconds to wait for the peers")
+
+    # fmt: on
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
