@@ -283,17 +283,6 @@ def _is_params(obj: Any) -> bool:
     return isinstance(obj, list | tuple) and len(obj) > 0 and all(isinstance(l, dict) for l in obj)
 
 
-def _load(path: str | os.PathLike, model: Model, name: str) -> Params:
-    # Imported here: parameter files are one way in among several, and the attribution
-    # functions themselves never touch the file system.
-    from jbackprop.io import load_params
-
-    try:
-        return load_params(path, model)[0]
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
-
-
 def _stack(models: Any, model: Model, name: str) -> Params:
     """A list of params, of paths to params files, or params stacked along a leading axis
     (as :func:`jbackprop.fit_many` returns them), as one stacked tuple of layer dicts."""
@@ -323,7 +312,7 @@ def _stack(models: Any, model: Model, name: str) -> Params:
     loaded = []
     for i, item in enumerate(models):
         if isinstance(item, str | os.PathLike):
-            item = _load(item, model, f"{name}[{i}]")
+            item = checks.read_params(item, model, f"{name}[{i}]")
         try:
             checks.check_params(item, model)
         except ValueError as err:

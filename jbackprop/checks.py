@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -34,7 +36,9 @@ __all__ = [
     "pair",
     "positive_int",
     "prepare",
+    "read_params",
     "scalar",
+    "set_params_reader",
     "targets",
 ]
 
@@ -244,3 +248,27 @@ def like(params: Any, tree: Any) -> Any:
     if tree and all(isinstance(t, dict) for t in tree):
         return list(tree)
     return tuple(like(params, t) for t in tree)
+
+
+# --- parameter files --------------------------------------------------------------------
+
+# Parameter files belong to jbackprop.io, which sits above the quantities; a quantity that
+# takes their paths (attribution's checkpoints) may not import it, so io hands its reader
+# down here when it is imported (as ``import jbackprop`` always does).
+_params_reader: list[Callable[[str | os.PathLike, Model], Params]] = []
+
+
+def set_params_reader(reader: Callable[[str | os.PathLike, Model], Params]) -> None:
+    """Make ``reader(path, model) -> params`` the one :func:`read_params` calls."""
+    _params_reader[:] = [reader]
+
+
+def read_params(path: str | os.PathLike, model: Model, name: str) -> Params:
+    """The parameters in the file at ``path`` (written by :func:`jbackprop.save_params`),
+    checked to be ``model``'s; a ``ValueError`` names the argument ``name``."""
+    if not _params_reader:
+        raise RuntimeError("parameter files are read by jbackprop.io; import jbackprop first")
+    try:
+        return _params_reader[0](path, model)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None

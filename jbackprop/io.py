@@ -12,7 +12,9 @@ the old file or the new one, never a torn one. That one helper, :func:`atomic_fi
 serves the data downloads of :mod:`jbackprop.data`.
 
 This module knows the :class:`~jbackprop.Model` and :class:`~jbackprop.state.TrainState`
-types only; it imports nothing of the network or of training.
+types only; it imports nothing of the network or of training. The quantities that accept
+paths to parameter files (:func:`jbackprop.attribution.tracin`) sit below it, so it lends
+them its reader through the internal ``checks`` module instead of being imported.
 """
 
 from __future__ import annotations
@@ -254,6 +256,11 @@ def load_params(path: str | os.PathLike, model: Model | None = None) -> tuple[Pa
 
 def _structure(model: Model) -> tuple:
     return model.sizes, model.hidden, model.output, model.cost
+
+
+# The quantities below this module that take paths to parameter files read them through
+# checks.read_params (they may not import io).
+checks.set_params_reader(lambda path, model: load_params(path, model)[0])
 
 
 # --- checkpoints ----------------------------------------------------------------------
