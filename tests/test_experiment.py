@@ -11,77 +11,31 @@ calling ``main`` in this process; every later failure runs as a subprocess (seve
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import struct
 import subprocess
-import sys
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mnist_runs import cli, finished_run, flag_error, signal_after
 
 import jbackprop as jb
 from jbackprop import data
-from jbackprop.experiments import mnist
 
 # End-to-end runs in subprocesses: the full suite runs them, the quick tier does not.
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "jbackprop.experiments.mnist"]
-ENV = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-TIMEOUT = 240
 # About 0.1-0.3 s per epoch after compiling (3000 minibatches of 2), so that a signal sent
 # after epoch 2 lands while later epochs are still running.
 EPOCHS = 8
 RUN = ["--train-size", "6000", "--batch-size", "2", "--epochs", str(EPOCHS)]
 RUN += ["--sizes", "784", "30", "10", "--no-progress"]
 HISTORY_FIELDS = {"epoch", "train_cost", "train_accuracy", "val_cost", "val_accuracy", "seconds"}
-
-
-def cli(*args, cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def signal_after(args, pattern: str, sig: int, cwd: Path):
-    """Start the CLI, send ``sig`` once a stdout line matches ``pattern``, wait for the end.
-
-    Returns ``(returncode, stdout, stderr, matched_line)``.
-    """
-    proc = subprocess.Popen(
-        [*CLI, *map(str, args)],
-        cwd=cwd,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    watchdog = threading.Timer(TIMEOUT, proc.kill)
-    watchdog.start()
-    lines, matched = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(pattern, line):
-                matched = line
-                proc.send_signal(sig)
-                break
-        lines.append(proc.stdout.read())
-        stderr = proc.stderr.read()
-        returncode = proc.wait()
-    finally:
-        watchdog.cancel()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert matched is not None, f"no line matched {pattern!r}:\n{''.join(lines)}\n{stderr}"
-    return returncode, "".join(lines), stderr, matched
 
 
 def assert_clean_failure(proc_or_rc, stderr: str | None = None) -> str:
@@ -134,10 +88,7 @@ def png_chunks(raw: bytes) -> list[bytes]:
 @pytest.fixture(scope="module")
 def reference(mnist_dir, tmp_path_factory):
     """A run that was never interrupted: ``(folder, CompletedProcess)``."""
-    base = tmp_path_factory.mktemp("reference")
-    proc = cli(*RUN, "--data-dir", mnist_dir, "--out", base / "run", cwd=base)
-    assert proc.returncode == 0, proc.stderr
-    return base / "run", proc
+    return finished_run(tmp_path_factory, "reference", *RUN, "--data-dir", mnist_dir)
 
 
 def test_finished_run_writes_its_outputs(reference, mnist_dir):
@@ -256,12 +207,7 @@ PARSE_ERRORS = {
 
 @pytest.mark.parametrize(("argv", "message"), PARSE_ERRORS.values(), ids=PARSE_ERRORS.keys())
 def test_bad_flag_values_are_one_line_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        mnist.main([*argv, "--out", "/nonexistent/never-created"])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert err.count("\n") == 1 and err.startswith("python -m jbackprop.experiments.mnist: error:")
+    assert message in flag_error([*argv, "--out", "/nonexistent/never-created"], capsys)
 
 
 def test_a_bad_flag_from_the_shell(tmp_path):

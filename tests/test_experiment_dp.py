@@ -2,37 +2,31 @@
 private PCA and the learning-rate schedule.
 
 Flag checks, the privacy plan and the schedule run in this process, on no data. The runs
-that train are subprocesses on a slice of real MNIST (``slow``): one finished private run
-with a private PCA, the same run interrupted and resumed (which must state the same ε and
-end with the same parameters), and a run on shuffled minibatches, which claims no ε.
+that train use a slice of real MNIST (``slow``): one finished private run with a private
+PCA, the same run interrupted and resumed (which must state the same ε and end with the
+same parameters), a run on shuffled minibatches, which claims no ε, and a sweep on
+projected inputs. Only the runs a signal stops, and the reference they are compared with,
+are subprocesses; the others call ``main`` in this process, which saves a start-up each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mnist_runs import finished_run, flag_error, signal_after
 from safetensors.numpy import load_file
 
 import jbackprop as jb
 from jbackprop import data
 from jbackprop.experiments import mnist
 from jbackprop.experiments.mnist import accounting, cli, config, report
-
-CLI = [sys.executable, "-m", "jbackprop.experiments.mnist"]
-ENV = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-TIMEOUT = 240
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -43,7 +37,14 @@ def parse(*argv: str) -> argparse.Namespace:
 
 PCA_NET = ["--pca", "20", "--sizes", "20", "30", "10"]
 
+# Every flag of DP-SGD is refused without --dp-clip, and the refusal names it.
+NEEDS_CLIP = [
+    ("--dp-noise", "1.1"), ("--dp-epsilon", "1"), ("--dp-delta", "1e-6"),
+    ("--dp-accountant", "pld"), ("--dp-sampling", "poisson"), ("--dp-pca-noise", "4"),
+]  # fmt: skip
+
 PARSE_ERRORS = {
+    **{f"{flag} without clip": ([flag, v], f"{flag} needs --dp-clip") for flag, v in NEEDS_CLIP},
     "epsilon and noise": (
         ["--dp-clip", "1", "--dp-epsilon", "2", "--dp-noise", "1"],
         "--dp-epsilon and --dp-noise are mutually exclusive",
@@ -58,9 +59,6 @@ PARSE_ERRORS = {
     ),
     "bad bound": (["--dp-clip", "1,x"], "argument --dp-clip: expected one bound or comma"),
     "zero bound": (["--dp-clip", "0"], "argument --dp-clip: expected one bound or comma"),
-    "noise without clip": (["--dp-noise", "1.1"], "--dp-noise needs --dp-clip"),
-    "epsilon without clip": (["--dp-epsilon", "1"], "--dp-epsilon needs --dp-clip"),
-    "sampling without clip": (["--dp-sampling", "poisson"], "--dp-sampling needs --dp-clip"),
     "epsilon with shuffle": (
         ["--dp-clip", "1", "--dp-epsilon", "1", "--dp-sampling", "shuffle"],
         "--dp-epsilon needs Poisson sampling",
@@ -106,12 +104,8 @@ PARSE_ERRORS = {
 
 @pytest.mark.parametrize(("argv", "message"), PARSE_ERRORS.values(), ids=PARSE_ERRORS.keys())
 def test_bad_privacy_flags_are_one_line_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        mnist.main([*argv, "--out", "/nonexistent/never-created"])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    err = flag_error([*argv, "--out", "/nonexistent/never-created"], capsys)
     assert message in err, err
-    assert err.count("\n") == 1 and err.startswith("python -m jbackprop.experiments.mnist: error:")
 
 
 def test_help_documents_the_privacy_flags(monkeypatch, capsys):
@@ -272,41 +266,10 @@ PRIVATE = [
 EPOCH_LINE = re.compile(r"^epoch +(\d+)/\d+ .* s  ε (\S+)$", re.M)
 
 
-def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT
-    )
-
-
-def interrupt_after(args, pattern: str, cwd: Path) -> tuple[int, str]:
-    """Start the CLI, send SIGINT once a stdout line matches ``pattern``; (status, stderr)."""
-    proc = subprocess.Popen(
-        [*CLI, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    watchdog = threading.Timer(TIMEOUT, proc.kill)
-    watchdog.start()
-    try:
-        for line in proc.stdout:
-            if re.search(pattern, line):
-                proc.send_signal(signal.SIGINT)
-                break
-        proc.stdout.read()
-        stderr = proc.stderr.read()
-        return proc.wait(), stderr
-    finally:
-        watchdog.cancel()
-        proc.stdout.close()
-        proc.stderr.close()
-
-
 @pytest.fixture(scope="module")
 def private_run(mnist_dir, tmp_path_factory):
     """A private run with a private PCA, never interrupted: ``(folder, CompletedProcess)``."""
-    base = tmp_path_factory.mktemp("private")
-    proc = run_cli(*PRIVATE, "--data-dir", mnist_dir, "--out", base / "run", cwd=base)
-    assert proc.returncode == 0, proc.stderr
-    return base / "run", proc
+    return finished_run(tmp_path_factory, "private", *PRIVATE, "--data-dir", mnist_dir)
 
 
 @pytest.mark.slow
@@ -346,22 +309,21 @@ def test_a_private_run_states_its_epsilon_every_epoch(private_run, mnist_dir):
 
 
 @pytest.mark.slow
-def test_a_resumed_private_run_states_the_same_epsilon(private_run, mnist_dir, tmp_path):
+def test_a_resumed_private_run_states_the_same_epsilon(private_run, mnist_dir, tmp_path, capsys):
     reference, ref_proc = private_run
     folder = tmp_path / "run"
-    args = [*PRIVATE, "--data-dir", mnist_dir]
-    rc, err = interrupt_after([*args, "--out", folder], r"^epoch +2/", tmp_path)
+    args = [*PRIVATE, "--data-dir", str(mnist_dir)]
+    rc, _, err, _ = signal_after([*args, "--out", folder], r"^epoch +2/", signal.SIGINT, tmp_path)
     assert rc == 1 and "interrupted by SIGINT after epoch" in err, err
     stopped = len(json.loads((folder / "metrics.json").read_text())["epochs"])
     assert 2 <= stopped < EPOCHS
 
     # --epochs is part of a calibrated run's configuration: σ depends on it.
-    other = run_cli(*args, "--epochs", "9", "--resume", folder, cwd=tmp_path)
-    assert other.returncode == 1 and "differs in --epochs" in other.stderr, other.stderr
+    assert mnist.main([*args, "--epochs", "9", "--resume", str(folder)]) == 1
+    assert "differs in --epochs" in capsys.readouterr().err
 
-    proc = run_cli(*args, "--resume", folder, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    resumed = EPOCH_LINE.findall(proc.stdout)
+    assert mnist.main([*args, "--resume", str(folder)]) == 0
+    resumed = EPOCH_LINE.findall(capsys.readouterr().out)
     assert [int(e) for e, _ in resumed] == list(range(stopped + 1, EPOCHS + 1))
     assert resumed == EPOCH_LINE.findall(ref_proc.stdout)[stopped:]
     got = json.loads((folder / "metrics.json").read_text())
@@ -392,16 +354,16 @@ def test_without_validation_all_60000_training_images_train(mnist_dir):
 
 
 @pytest.mark.slow
-def test_shuffled_minibatches_claim_no_epsilon(mnist_dir, tmp_path):
-    proc = run_cli(
+def test_shuffled_minibatches_claim_no_epsilon(mnist_dir, tmp_path, capsys):
+    assert mnist.main([
         "--train-size", "1000", "--batch-size", "50", "--epochs", "2", "--sizes", "784", "16",
         "10", "--dp-clip", "1", "--dp-noise", "1", "--dp-sampling", "shuffle", "--no-progress",
-        "--data-dir", mnist_dir, "--out", tmp_path / "run", cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "no ε is claimed for this run: shuffled minibatches" in proc.stdout
-    assert "privacy: no ε is claimed" in proc.stdout and not EPOCH_LINE.search(proc.stdout)
-    assert len(re.findall(r"^epoch +\d+/2 ", proc.stdout, re.M)) == 2
+        "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"),
+    ]) == 0  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert "no ε is claimed for this run: shuffled minibatches" in stdout
+    assert "privacy: no ε is claimed" in stdout and not EPOCH_LINE.search(stdout)
+    assert len(re.findall(r"^epoch +\d+/2 ", stdout, re.M)) == 2
     privacy = json.loads((tmp_path / "run" / "metrics.json").read_text())["privacy"]
     assert privacy["claimed"] is False and privacy["epsilon"] is None
     assert privacy["sampling"] == "shuffle" and privacy["steps"] == 40
@@ -409,12 +371,11 @@ def test_shuffled_minibatches_claim_no_epsilon(mnist_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_trains_on_the_projected_inputs(mnist_dir, tmp_path):
-    proc = run_cli(
+    assert mnist.main([
         "--train-size", "500", "--epochs", "1", "--pca", "20", "--sizes", "20", "16", "10",
-        "--sweep", "eta=0.5,1", "--no-progress", "--data-dir", mnist_dir,
-        "--out", tmp_path / "run", cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+        "--sweep", "eta=0.5,1", "--no-progress", "--data-dir", str(mnist_dir),
+        "--out", str(tmp_path / "run"),
+    ]) == 0  # fmt: skip
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     P = load_file(tmp_path / "run" / "pca.safetensors")["projection"]
     params, model = jb.load_params(tmp_path / "run" / "params.safetensors")

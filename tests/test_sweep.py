@@ -41,14 +41,18 @@ def test_each_model_equals_its_own_fit(problem):
         shared_shuffle=False,
     )
     assert jax.tree.leaves(stacked)[0].shape[0] == 2
+    # fit with inject_hyperparams(sgd), as documented: the learning rate lives in the
+    # optimizer's state, so both fits run one compiled epoch, each from its own rate's state.
+    sgd = optax.inject_hyperparams(optax.sgd)
     for k in range(2):
         one = jb.Model(
             (5, 7, 3), output="softmax", cost="log_likelihood", l2=lmbdas[k], dropout=dropouts[k]
         )
         init_key, train_key = jax.random.split(keys[k])
         params = jb.init_params(init_key, one)
+        start = jb.TrainState(params, sgd(learning_rate=etas[k]).init(params), 0)
         params, history = jb.fit(
-            params, one, (X, y), optax.sgd(etas[k]), 2, 16, train_key, validation=(X, y)
+            params, one, (X, y), sgd(learning_rate=0.1), 2, 16, train_key, (X, y), resume=start
         )
         chex_close = jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
