@@ -3,6 +3,8 @@ subprocess, as a user starts it, and reading the one-line error a mistaken flag 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -24,6 +26,16 @@ def cli(*args, cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProce
     return subprocess.run(
         [*CLI, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
     )
+
+
+def main_in_process(*args) -> subprocess.CompletedProcess:
+    """``main(args)`` in this process, its output captured: what :func:`cli` returns, less
+    the start-up of a new process."""
+    argv = [*map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = mnist.main(argv)
+    return subprocess.CompletedProcess([*CLI, *argv], code, out.getvalue(), err.getvalue())
 
 
 def finished_run(

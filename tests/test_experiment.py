@@ -1,11 +1,12 @@
 """End-to-end tests of ``python -m jbackprop.experiments.mnist`` on a slice of real MNIST.
 
-Every run is a subprocess, as a user would start it. Each costs a JAX start-up and, when it
-trains, a compilation, so the runs are few and each is checked for several things: one
-finished run is the reference for the outputs and for resumption; one run is interrupted
-with SIGINT, resumed, killed with SIGKILL, and resumed to the end, which must give exactly
-the reference's parameters. Command-line mistakes that argparse catches are checked by
-calling ``main`` in this process; every later failure runs as a subprocess (several at once).
+Every run that trains is a subprocess, as a user would start it. Each costs a JAX start-up
+and a compilation, so the runs are few and each is checked for several things: one finished
+run is the reference for the outputs and for resumption; one run is interrupted with SIGINT,
+resumed, killed with SIGKILL, and resumed to the end, which must give exactly the
+reference's parameters. Command-line mistakes that argparse catches, and the failures found
+before training (missing or corrupt data, unwritable folders, checkpoints of other runs), are
+checked by calling ``main`` in this process, which needs no start-up of its own.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import signal
 import struct
 import subprocess
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mnist_runs import cli, finished_run, flag_error, signal_after
+from mnist_runs import cli, finished_run, flag_error, main_in_process, signal_after
 
 import jbackprop as jb
 from jbackprop import data
@@ -241,7 +241,7 @@ def _runtime_cases(mnist_dir: Path, ref_folder: Path, root: Path):
     empty.mkdir()
 
     def out(name: str) -> list:
-        return ["--out", root / "outs" / name]  # one each: the runs go on at the same time
+        return ["--out", root / "outs" / name]  # one each: every failure leaves it empty
 
     return {
         "batch larger than train set": (
@@ -301,11 +301,7 @@ def _runtime_cases(mnist_dir: Path, ref_folder: Path, root: Path):
 def runtime_failures(mnist_dir, reference, tmp_path_factory):
     root = tmp_path_factory.mktemp("failures")
     cases = _runtime_cases(mnist_dir, reference[0], root)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        procs = dict(
-            zip(cases, pool.map(lambda c: cli(*c[0], cwd=root), cases.values()), strict=True)
-        )
-    return root, {name: (cases[name], proc) for name, proc in procs.items()}
+    return root, {name: (case, main_in_process(*case[0])) for name, case in cases.items()}
 
 
 RUNTIME_IDS = [
