@@ -79,9 +79,12 @@ CASES = [
     Case((6, 5, 5, 4), "softplus", "log_likelihood", True),
 ]
 IDS = [f"{len(c.widths) - 1}layers-{c.hidden}-{c.cost}-{'f64' if c.x64 else 'f32'}" for c in CASES]
+# The quick tier converts the first two cases (float32 and float64, two costs); the full
+# suite all five.
+PARAMS = [c if i < 2 else pytest.param(c, marks=pytest.mark.slow) for i, c in enumerate(CASES)]
 
 
-@pytest.fixture(params=CASES, ids=IDS)
+@pytest.fixture(params=PARAMS, ids=IDS)
 def case(request):
     """The case, with 64-bit floats on for the float64 ones (and restored afterwards)."""
     with jax.enable_x64(request.param.x64):
