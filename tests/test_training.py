@@ -17,8 +17,8 @@ import pytest
 
 import jbackprop as jb
 
-# One optimizer object for the tests that share a model and minibatch size: fit caches its
-# compiled epoch per (model, optimizer, batch size), so a fresh optax.sgd would recompile.
+# One optimizer for the tests that share a model and minibatch size, and so one compiled
+# epoch (fit's cache matches optimizers by what they compute, not by identity).
 SGD = optax.sgd(0.5)
 MODEL = jb.Model(sizes=(2, 8, 2))
 # The float64 tests share one model and one training-set size, so they share compilations.
