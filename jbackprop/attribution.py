@@ -348,16 +348,10 @@ def _etas(etas: Any, count: int, dtype) -> Array:
 
 
 def grad_gram(
-    params: Params,
-    X1: Array,
-    Y1: Array,
-    model: Model,
-    X2: Array | None = None,
-    Y2: Array | None = None,
-    *,
-    normalize: bool = False,
-    chunk_size: int | None = None,
-) -> Array:
+    params: Params, X1: Array, Y1: Array, model: Model,
+    X2: Array | None = None, Y2: Array | None = None,
+    *, normalize: bool = False, chunk_size: int | None = None,
+) -> Array:  # fmt: skip
     """Inner products of per-example gradients, ``K_ij = ⟨∇_p C_{x_i}, ∇_p C_{x'_j}⟩``.
 
     The gradients are those of :func:`jbackprop.per_example_grads`: of the unregularised
@@ -391,14 +385,9 @@ def grad_gram(
 
 
 def empirical_ntk(
-    params: Params,
-    X1: Array,
-    model: Model,
-    X2: Array | None = None,
-    trace: bool = False,
-    *,
-    chunk_size: int | None = None,
-) -> Array:
+    params: Params, X1: Array, model: Model,
+    X2: Array | None = None, trace: bool = False, *, chunk_size: int | None = None,
+) -> Array:  # fmt: skip
     """The empirical neural tangent kernel ``Θ(x, x') = J(x) J(x')ᵀ`` of the output
     pre-activations ``z^L``, ``J = ∂z^L/∂p`` over every layer's ``w`` and ``b``.
 
@@ -434,16 +423,9 @@ def empirical_ntk(
 
 
 def tracin(
-    checkpoints: Any,
-    X_train: Array,
-    Y_train: Array,
-    X_test: Array,
-    Y_test: Array,
-    model: Model,
-    etas: Any = None,
-    *,
-    chunk_size: int | None = None,
-) -> Array:
+    checkpoints: Any, X_train: Array, Y_train: Array, X_test: Array, Y_test: Array,
+    model: Model, etas: Any = None, *, chunk_size: int | None = None,
+) -> Array:  # fmt: skip
     """TracInCP (Pruthi et al., NeurIPS 2020): the checkpoint form of their TracIn,
     ``TracInCP(z, z') = Σ_k η_k ⟨∇C(θ_k; z), ∇C(θ_k; z')⟩`` over saved checkpoints ``θ_k``.
 
@@ -481,16 +463,9 @@ def tracin(
 
 
 def trak(
-    params_list: Any,
-    X_train: Array,
-    Y_train: Array,
-    X_test: Array,
-    Y_test: Array,
-    model: Model,
-    damping: float = 1.0,
-    *,
-    chunk_size: int | None = None,
-) -> Array:
+    params_list: Any, X_train: Array, Y_train: Array, X_test: Array, Y_test: Array,
+    model: Model, damping: float = 1.0, *, chunk_size: int | None = None,
+) -> Array:  # fmt: skip
     """TRAK (Park et al., ICML 2023) computed exactly, through the kernel, without random
     projection.
 
