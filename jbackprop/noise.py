@@ -38,8 +38,9 @@ Everything after the hash is elementwise float32 arithmetic (one ``log``, one ``
 two short polynomials), cheaper than ``erfinv``, and it fuses with the addition of the
 noise. The draw is deterministic: the same key gives the same numbers in the same program
 (an eager and a compiled draw may differ in the last bit, where XLA fuses a multiply and an
-add). Measured on a 2-core CPU, ``p = 79,510``: about 1.5x faster than
-``jax.random.normal``, and 1.8x at ``p = 795,010`` (``benchmarks.md``, DP section).
+add). Measured on a 2-core CPU under load: 1.7 to 2x faster than ``jax.random.normal`` at
+``p = 79,510`` and 1.1 to 1.8x at ``p = 795,010``, where memory traffic dominates
+(``benchmarks.md``, DP section).
 """
 
 from __future__ import annotations
