@@ -253,19 +253,11 @@ def per_example_norms(
 
 
 def clipped_grad(
-    params: Params,
-    X: Array,
-    Y: Array,
-    model: Model,
-    n: int | None = None,
-    key: Array | None = None,
-    *,
-    clip: float | Sequence[float],
-    noise_multiplier: float,
-    noise_key: Array | None = None,
-    weights: Array | None = None,
-    denominator: float | None = None,
-) -> Params:
+    params: Params, X: Array, Y: Array, model: Model,
+    n: int | None = None, key: Array | None = None,
+    *, clip: float | Sequence[float], noise_multiplier: float, noise_key: Array | None = None,
+    weights: Array | None = None, denominator: float | None = None,
+) -> Params:  # fmt: skip
     """The DP-SGD minibatch gradient: clip each example, sum, add noise, divide by ``m``.
 
     Every example's whole unregularised gradient (all layers, ``w`` and ``b``) is scaled
@@ -558,14 +550,9 @@ def _check_pca_noise(pca_noise: Any) -> float | None:
 
 
 def epsilon(
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    accountant: str = "rdp",
-    *,
-    pca_noise: float | None = None,
-) -> float:
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+    accountant: str = "rdp", *, pca_noise: float | None = None,
+) -> float:  # fmt: skip
     """``ε`` of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
 
     The mechanism (Abadi et al. 2016, Alg. 1): each step samples every example
@@ -606,14 +593,9 @@ def epsilon(
 
 
 def calibrate_noise(
-    target_epsilon: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    accountant: str = "rdp",
-    *,
-    pca_noise: float | None = None,
-) -> float:
+    target_epsilon: float, sample_rate: float, steps: int, delta: float,
+    accountant: str = "rdp", *, pca_noise: float | None = None,
+) -> float:  # fmt: skip
     """The smallest noise multiplier ``σ`` whose :func:`epsilon` is at most ``target_epsilon``.
 
     Bisection on ``log σ``, using that ``ε`` falls as ``σ`` grows: the returned ``σ`` has
