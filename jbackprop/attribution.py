@@ -49,9 +49,10 @@ __all__ = ["empirical_ntk", "grad_gram", "tracin", "trak"]
 # --- the identity, block by block --------------------------------------------------------
 
 # Edge of the square blocks the result is computed in when no chunk_size is given. A
-# block's products (two per layer, ``BLOCK²`` each) then fit in the 32 MiB last-level
-# cache of a server CPU, and its first-layer product ``A_0 A'_0ᵀ`` (``BLOCK × n_0 ×
-# BLOCK``) is still large enough for the matrix-multiply kernels to run at full speed.
+# block's products (two per layer, BLOCK² numbers each, 1 MiB in float32) then stay in a
+# server CPU's last-level cache, while its first-layer product A_0 A'_0ᵀ (BLOCK × n_0 ×
+# BLOCK) is still large enough for the matrix-multiply kernels to run at full speed. On
+# the 784-128-64-10 network of the benchmark, 384 to 640 were alike and 1024 was slower.
 BLOCK = 512
 
 
