@@ -146,7 +146,11 @@ def fit_many(
     # Dropout is on (static) when any model uses it; a rate of 0 then keeps every unit.
     shared = architecture(model, dropout=bool(hyper["dropout"].any()))
     init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    params = jax.vmap(lambda kk: init_params(kk, shared, scheme))(init_keys)
+    # jb.init_params once per model, stacked: its compiled draws serve every K and every
+    # other call of these shapes (a vmap would compile batched draws for each K).
+    params = jax.tree.map(
+        lambda *leaves: jnp.stack(leaves), *(init_params(kk, shared, scheme) for kk in init_keys)
+    )
     first = jax.tree.map(lambda x: x[0], params)
     tr = checks.prepare(first, shared, train, "train")
     val = None if validation is None else checks.prepare(first, shared, validation, "validation")
