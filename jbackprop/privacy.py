@@ -453,7 +453,8 @@ def dp_pca(X: Array, k: int, noise: float = 0.0, key: Array | None = None) -> Ar
     norm ``‖x‖² <= 1``, so the release is the Gaussian mechanism with sensitivity 1 and
     noise multiplier ``noise``: :func:`epsilon` with ``pca_noise=noise`` composes it with
     the training steps that follow. Everything downstream of ``A + (E + Eᵀ)/2`` (the
-    eigenvectors, the projected inputs, the model) is post-processing.
+    eigenvectors, the projected inputs, the model) is post-processing. ``A`` is computed on
+    the host CPU on every backend, so a seed gives the same projection in every process.
 
     Args:
       X: the private training inputs ``(n, n_0)``; only their scaled copies enter ``A``.
@@ -482,7 +483,10 @@ def dp_pca(X: Array, k: int, noise: float = 0.0, key: Array | None = None) -> Ar
         key = None  # nothing to draw
     elif key is None:
         raise ValueError(f"key is required: noise={noise} adds Gaussian noise, and key draws it")
-    A = _noisy_second_moment(X, jnp.asarray(noise, X.dtype), key)
+    # On the host CPU whatever the default device: a GPU picks its matrix-product algorithm
+    # per process, and the projection must be the same bits when a run resumes.
+    cpu = jax.devices("cpu")[0]
+    A = _noisy_second_moment(*jax.device_put((X, jnp.asarray(noise, X.dtype), key), cpu))
     return jnp.asarray(top_eigenvectors(np.asarray(A), k), X.dtype)
 
 

@@ -33,7 +33,8 @@ def test_values_from_the_table():
     np.testing.assert_allclose(A.relu(z), [0.0, 0.0, 3.0])
     np.testing.assert_allclose(A.leaky_relu(0.2)(z), [-0.4, 0.0, 3.0], rtol=1e-6)
     np.testing.assert_allclose(A.softplus(z), np.log1p(np.exp([-2.0, 0.0, 3.0])), rtol=1e-6)
-    np.testing.assert_allclose(A.tanh.prime(z), 1 - np.tanh([-2.0, 0.0, 3.0]) ** 2, atol=1e-7)
+    # 1 - tanh² doubles tanh's rounding error (a few float32 ulps of 0.96 on GPU).
+    np.testing.assert_allclose(A.tanh.prime(z), 1 - np.tanh([-2.0, 0.0, 3.0]) ** 2, atol=5e-7)
     np.testing.assert_allclose(A.identity(z), z)
 
 
