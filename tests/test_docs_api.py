@@ -41,6 +41,7 @@ MODULES = (
     "jbackprop.activations",
     "jbackprop.training",
     "jbackprop.privacy",
+    "jbackprop.noise",
     "jbackprop.attribution",
     "jbackprop.interop",
 )

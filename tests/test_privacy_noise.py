@@ -102,3 +102,37 @@ def test_deterministic_shaped_and_cast():
     assert draw(k, (0,)).shape == (0,)
     rbg = jax.random.key(4, impl="rbg")  # other key implementations draw their own bits
     assert np.all(np.isfinite(np.asarray(draw(rbg, (6,)))))
+
+
+def test_the_hash_is_jax_threefry_bit_for_bit():
+    """``noise.threefry2x32`` (written out and kept apart on CPUs) is JAX's own hash."""
+    from jax.extend.random import threefry2x32_p
+
+    rng = np.random.default_rng(0)
+    k0, k1 = (jnp.uint32(w) for w in rng.integers(0, 2**32, 2, dtype=np.uint64))
+    words = rng.integers(0, 2**32, (2, 3, 5), dtype=np.uint64)
+    x0, x1 = jnp.asarray(words[0], jnp.uint32), jnp.asarray(words[1], jnp.uint32)
+    want = threefry2x32_p.bind(k0, k1, x0, x1)
+    for got in (noise.threefry2x32(k0, k1, x0, x1), jax.jit(noise.threefry2x32)(k0, k1, x0, x1)):
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == jnp.uint32 and g.shape == (3, 5)
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # vmapped over keys (the conditional then runs as a select of its two equal branches)
+    keys = jnp.asarray(rng.integers(0, 2**32, (4, 2), dtype=np.uint64), jnp.uint32)
+    hash_rows = jax.vmap(lambda k, f: f(k[0], k[1], x0, x1), in_axes=(0, None))
+    for g, w in zip(
+        hash_rows(keys, noise.threefry2x32),
+        hash_rows(keys, lambda *a: tuple(threefry2x32_p.bind(*a))),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # the key (0, 0) and the counters 0 and 2^32 - 1, which a wrong rotation or
+    # key-schedule step would get wrong
+    edge = jnp.asarray([0, 2**32 - 1], jnp.uint32)
+    zero = jnp.uint32(0)
+    for g, w in zip(
+        noise.threefry2x32(zero, zero, edge, edge[::-1]),
+        threefry2x32_p.bind(zero, zero, edge, edge[::-1]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
