@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 from jax.extend.random import threefry2x32_p
 
-__all__ = ["normal", "threefry2x32"]
+__all__ = ["bits", "normal", "threefry2x32"]
 
 # XLA:CPU's threefry loop runs about 5x slower over an odd number of counters than over an
 # even one; the hashes are drawn in multiples of this many and the surplus dropped.
@@ -184,3 +184,23 @@ def normal(key: Array, shape: tuple[int, ...], dtype=jnp.float32, stream: int = 
     z = _box_muller(*(jnp.broadcast_to(w[:h], (2, h)) for w in (w1, w2)), second)
     z = z.reshape(-1)
     return (z if 2 * h == p else z[:p]).reshape(shape).astype(dtype)
+
+
+def bits(key: Array, count: int, stream: int = 0) -> Array:
+    """Independent uniform 32-bit words, two from each hash (traceable, deterministic).
+
+    The words of the hashes of the counters ``(j, stream)``, ``j < ceil(count / 2)``: all
+    first words, then all second words, cut to ``count``: the bits :func:`normal` turns
+    into Gaussians, at half the hashes of ``jax.random.bits``.
+
+    Args:
+      key: a PRNG key, typed or raw, as for :func:`normal`.
+      count: the number of words.
+      stream: which of the key's independent streams, ``0 <= stream < 2³²``.
+
+    Returns:
+      A ``(count,)`` ``uint32`` array.
+    """
+    h = -(-count // 2)
+    w1, w2 = _words(key, -(-h // _BLOCK) * _BLOCK, stream)
+    return jnp.concatenate([w1[:h], w2[:h]])[:count]

@@ -228,3 +228,21 @@ def test_resume_is_bit_identical_and_arguments_are_checked(problem):
     with pytest.raises(ValueError, match="masked_sum"):
         jb.fit(params, MODEL, (X, y), opt, 1, B, key=jax.random.key(0), sampling="poisson",
                gradient=lambda p, X, Y, model, n, key: jb.grad(p, X, Y, model, n))  # fmt: skip
+
+
+def test_a_steps_rows_are_its_drawn_examples_in_order_block_by_block():
+    """The epoch finds the rows of rank ``j cap ... (j + 1) cap - 1`` of a sample from
+    32-example words; over several words, densities and sizes not a multiple of 32 they
+    are ``np.nonzero`` of the sample, and ``n - 1`` (weight-0 padding) past its end."""
+    from jbackprop.training.poisson import _rank_index, _ranked_rows
+
+    rng = np.random.default_rng(0)
+    for n, rate in ((1, 1.0), (31, 0.5), (100, 0.03), (1000, 0.3), (4099, 0.999)):
+        drawn = rng.random(n) < rate
+        words, ends = _rank_index(jnp.asarray(drawn))
+        count = int(ends[-1])
+        assert count == drawn.sum()
+        ranks = jnp.arange(count + 40)
+        rows = np.asarray(_ranked_rows(words, ends, ranks, n))
+        np.testing.assert_array_equal(rows[:count], np.nonzero(drawn)[0])
+        assert np.all(rows[count:] == n - 1)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
+from jbackprop import noise
 from jbackprop.model import Model, Params
 from jbackprop.network import add_penalty_grads, batch_deltas
 from jbackprop.privacy import poisson_schedule, weighted_sums
@@ -94,7 +95,8 @@ def poisson_capacity(n: int, batch_size: int, multiple: int = 1) -> int:
 def poisson_sample(key: Array, n: int, batch_size: int) -> Array:
     """``(n,)`` booleans: each example is in the step's sample independently, with
     probability ``floor(q 2³²) / 2³²`` for ``q = batch_size / n``, i.e. ``q`` to 2⁻³² and
-    never above it (32 random bits per example against an integer threshold).
+    never above it (32 random bits per example, :func:`jbackprop.noise.bits`, against an
+    integer threshold).
 
     Args:
       key: the step's sampling key.
@@ -107,7 +109,36 @@ def poisson_sample(key: Array, n: int, batch_size: int) -> Array:
     if batch_size >= n:
         return jnp.ones((n,), bool)
     threshold = (batch_size << 32) // n  # floor(q 2^32), exact in integers
-    return jax.random.bits(key, (n,), jnp.uint32) < jnp.uint32(threshold)
+    return noise.bits(key, n) < jnp.uint32(threshold)
+
+
+def _rank_index(drawn: Array) -> tuple[Array, Array]:
+    """The sample as 32-example words and the running count of drawn examples by word.
+
+    Bit ``b`` of word ``w`` is ``drawn[32 w + b]``; ``ends[w]`` counts the drawn examples
+    in words ``0..w``, so ``ends[-1]`` is the sample's size. Work in ``n / 32`` words
+    instead of a prefix sum over all ``n`` examples, which is what makes finding a
+    step's rows cheap beside its gradient.
+    """
+    padded = jnp.pad(drawn, (0, -drawn.shape[0] % 32)).reshape(-1, 32).astype(jnp.uint32)
+    words = jnp.sum(padded << jnp.arange(32, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
+    ends = jnp.cumsum(jax.lax.population_count(words), dtype=jnp.int32)
+    return words, ends
+
+
+def _ranked_rows(words: Array, ends: Array, ranks: Array, n: int) -> Array:
+    """The indices of the drawn examples of the given ranks (0 is the lowest index drawn),
+    found from :func:`_rank_index` by a binary search over the words and then over the bits
+    of one word; a rank past the sample gives ``n - 1`` (padding, of weight 0)."""
+    w = jnp.minimum(jnp.searchsorted(ends, ranks, side="right"), ends.shape[0] - 1)
+    x = words[w]
+    t = ranks - (ends[w] - jax.lax.population_count(x).astype(jnp.int32))  # rank within x
+    bit = jnp.zeros_like(ranks)
+    for width in (16, 8, 4, 2, 1):  # which half of the remaining bits holds the t-th set bit
+        low = jax.lax.population_count(x & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
+        high = t >= low
+        t, x, bit = jnp.where(high, t - low, t), jnp.where(high, x >> width, x), bit + high * width
+    return jnp.minimum(32 * w + bit, n - 1)
 
 
 def run_poisson_epoch(
@@ -166,19 +197,18 @@ def run_poisson_epoch(
     grad_fn = MaskedMean() if gradient is None else gradient
     cap = poisson_capacity(N, batch_size) if capacity is None else capacity
     _, steps = poisson_schedule(N, batch_size)
-    blocks = -(-N // cap)  # every example drawn still fits, so no slice is ever clamped
 
     def step(carry, key):
         params, opt_state = carry
         k_sample, k_drop, k_finish = jax.random.split(key, 3)
-        drawn = poisson_sample(k_sample, N, batch_size)
-        count = jnp.sum(drawn, dtype=jnp.int32)
-        ids = jnp.nonzero(drawn, size=blocks * cap, fill_value=0)[0]
+        words, ends = _rank_index(poisson_sample(k_sample, N, batch_size))
+        count = ends[-1]
 
         def block(state):
             j, sums = state
-            rows = jax.lax.dynamic_slice(ids, (j * cap,), (cap,))
-            weights = (j * cap + jnp.arange(cap) < count).astype(X.dtype)
+            ranks = j * cap + jnp.arange(cap)
+            rows = _ranked_rows(words, ends, ranks, N)
+            weights = (ranks < count).astype(X.dtype)
             part = grad_fn.masked_sum(
                 params, shard(X[rows]), shard(Y[rows]), model,
                 jax.random.fold_in(k_drop, j), shard(weights),

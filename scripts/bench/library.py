@@ -31,9 +31,10 @@ def epoch_fn(
     Y: jax.Array,
     n: int,
     gradient: Callable | None = None,
+    sampling: str = "shuffle",
 ) -> EpochFn:
-    """Epoch ``e`` of ``jb.fit(params, model, (X, Y), optimizer, ..., batch_size, key)``,
-    called as ``(params, opt_state, e, fold_in(key, e))``."""
+    """Epoch ``e`` of ``jb.fit(params, model, (X, Y), optimizer, ..., batch_size, key,
+    sampling=sampling)``, called as ``(params, opt_state, e, fold_in(key, e))``."""
 
     def run(params, opt_state, e, epoch_key):
         return train_epoch(
@@ -47,6 +48,7 @@ def epoch_fn(
             optimizer=optimizer,
             batch_size=batch_size,
             gradient=gradient,
+            sampling=sampling,
         )
 
     return run
