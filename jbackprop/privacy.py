@@ -51,7 +51,9 @@ composes it with the DP-SGD steps (dp-accounting's ``ComposedDpEvent``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -630,6 +632,24 @@ def calibrate_noise(
                 f"target_epsilon={target} is out of reach: the private projection alone "
                 f"(pca_noise={pca_noise}) spends ε = {spent:.3g}; raise pca_noise or the target"
             )
+    with _quiet_probes():
+        return _calibrate(target, q, steps, delta, accountant, pca_noise)
+
+
+@contextlib.contextmanager
+def _quiet_probes():
+    """dp-accounting's warnings off while calibration probes σ values nobody asked about:
+    at small σ its RDP accountant logs each order it cannot evaluate, and drops it."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _calibrate(target: float, q: float, steps: int, delta: float, accountant: str, pca_noise):
     # The RDP accountant is fast and its ε is never below the PLD's: its σ brackets from
     # above, and the slow PLD accountant is then only asked about nearby σ.
     rdp = functools.partial(

@@ -528,6 +528,19 @@ def test_calibrate_noise_inverts_epsilon(accountant):
     )
 
 
+def test_calibration_does_not_log_the_accountants_warnings_about_its_probes(caplog):
+    # The search passes σ = 0.5 here, where dp-accounting's RDP accountant cannot evaluate
+    # its smallest orders and logs a warning for each; the caller asked about none of them.
+    import logging
+
+    before = logging.getLogger("absl").level
+    with caplog.at_level(logging.WARNING):
+        sigma = jb.privacy.calibrate_noise(4.0, 50 / 3000, 360, 1e-5)
+    assert not [r for r in caplog.records if r.name == "absl"], caplog.text
+    assert logging.getLogger("absl").level == before  # restored
+    assert jb.privacy.epsilon(sigma, 50 / 3000, 360, 1e-5) <= 4.0
+
+
 def test_poisson_schedule():
     assert jb.privacy.poisson_schedule(60000, 256, 60) == (256 / 60000, 60 * 234)
     assert jb.privacy.poisson_schedule(10, 4) == (0.4, 3)  # 2.5 steps round up
