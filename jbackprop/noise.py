@@ -78,16 +78,19 @@ def _words(key: Array, count: int, stream: int) -> tuple[Array, Array]:
 
     With a threefry key (the default), pair ``j`` is the hash of the counter
     ``(j, stream)``; a key of another implementation (``"rbg"``, ``"unsafe_rbg"``) gives
-    its own ``jax.random.bits`` of ``fold_in(key, stream)`` instead.
+    its own ``jax.random.bits`` of ``fold_in(key, stream)`` instead. Either draws a
+    multiple of ``_BLOCK`` pairs and drops the surplus.
     """
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # a raw key of the default implementation
+    padded = -(-count // _BLOCK) * _BLOCK
     if str(jax.random.key_impl(key)) != "threefry2x32":
-        bits = jax.random.bits(jax.random.fold_in(key, stream), (2, count), jnp.uint32)
-        return bits[0], bits[1]
+        bits = jax.random.bits(jax.random.fold_in(key, stream), (2, padded), jnp.uint32)
+        return bits[0, :count], bits[1, :count]
     k = jax.random.key_data(key)
-    j = lax.iota(jnp.uint32, count)
-    return threefry2x32(k[0], k[1], j, jnp.full_like(j, stream))
+    j = lax.iota(jnp.uint32, padded)
+    w1, w2 = threefry2x32(k[0], k[1], j, jnp.full_like(j, stream))
+    return w1[:count], w2[:count]
 
 
 # Threefry-2x32's rotation constants, for even and odd groups of four rounds.
@@ -177,11 +180,11 @@ def normal(key: Array, shape: tuple[int, ...], dtype=jnp.float32, stream: int = 
     """
     p = math.prod(shape)
     h = -(-p // 2)
-    w1, w2 = _words(key, -(-h // _BLOCK) * _BLOCK, stream)
+    w1, w2 = _words(key, h, stream)
     # Computed over (2, h) from the broadcast words, the draw and its reshape to ``shape``
     # fuse into one loop (and into whatever adds the noise) without an intermediate copy.
     second = lax.broadcasted_iota(jnp.int32, (2, h), 0) == 1
-    z = _box_muller(*(jnp.broadcast_to(w[:h], (2, h)) for w in (w1, w2)), second)
+    z = _box_muller(*(jnp.broadcast_to(w, (2, h)) for w in (w1, w2)), second)
     z = z.reshape(-1)
     return (z if 2 * h == p else z[:p]).reshape(shape).astype(dtype)
 
@@ -201,6 +204,4 @@ def bits(key: Array, count: int, stream: int = 0) -> Array:
     Returns:
       A ``(count,)`` ``uint32`` array.
     """
-    h = -(-count // 2)
-    w1, w2 = _words(key, -(-h // _BLOCK) * _BLOCK, stream)
-    return jnp.concatenate([w1[:h], w2[:h]])[:count]
+    return jnp.concatenate(_words(key, -(-count // 2), stream))[:count]
